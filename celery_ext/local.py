@@ -1,0 +1,727 @@
+"""The local lane: an in-process, bounded, push-based kombu transport.
+
+For jobs that may be lost. Messages live in the memory of the process that
+published them and die with it; in exchange there is no server, no polling and
+no serialisation detour. Select it with ``broker="local://"`` after
+``celery_ext.install(app)``.
+
+How it differs from kombu's ``memory://``:
+
+- **Per app, per URL.** Queues, exchanges and bindings live on a :class:`Lane`
+  owned by the app (``local://`` and ``local://other`` are two lanes), never on
+  the transport class, so two apps in one process never see each other's messages.
+- **Push, not poll.** A consumer waiting for work sleeps on a condition that
+  every publish, ack and reject notifies; an idle worker costs no CPU and a
+  publish starts the task at once.
+- **Bounded.** A task queue holds at most ``lane_max_queued`` messages. When it
+  is full a publish waits up to ``lane_block_timeout`` (policy ``block``) or fails
+  at once (policy ``raise``) with :class:`~celery_ext.errors.QueueFull`.
+  Auto-delete queues (Celery's event, reply and pidbox queues) drop their oldest
+  message instead, counted in :attr:`Lane.dropped_transient`, so a stalled
+  monitor can never block task publishing.
+- **Nothing silently lost.** Unacked messages go back to the front of their
+  queue when a channel closes; requeued and restored messages ignore the bound.
+
+Limits: the lane cannot cross processes, so the prefork pool (whose children
+cannot reach the parent's memory) is refused; use ``-P threads``, ``solo`` or
+``gevent``. Exchanges support direct, topic and fanout routing; no priorities.
+
+Example::
+
+    app = Celery("shop", broker="local://")
+    celery_ext.install(app, lane_max_queued=1000, lane_full_policy="raise")
+    with LocalWorker(app, concurrency=4):
+        add.delay(2, 2)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from queue import Empty
+from time import monotonic
+from types import TracebackType
+from typing import Any
+
+from celery import Celery, bootsteps, signals
+from celery.concurrency.thread import TaskPool as ThreadTaskPool
+from celery.exceptions import ImproperlyConfigured
+from celery.worker import state as worker_state
+from kombu.transport import virtual
+
+from ._settings import Settings, settings_of
+from .errors import LaneNotInstalled, QueueFull
+
+__all__ = [
+    "DrainReport",
+    "Lane",
+    "LaneGuard",
+    "Lanes",
+    "LocalWorker",
+    "Transport",
+    "is_local",
+    "lane_of",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Key under ``broker_transport_options`` that carries an app's :class:`Lanes`.
+LANES_OPTION = "celery_ext_lanes"
+
+Message = dict[str, Any]
+
+
+class Lane:
+    """Queues, bindings and the wake-up condition of one local lane.
+
+    One lane per app and URL; created by :class:`Lanes`, shared by every
+    connection of that app to that URL. Thread-safe (one lock per lane).
+
+    Example::
+
+        lane = Lanes(settings).get("")
+        lane.depth("celery")   # messages waiting in queue "celery"
+    """
+
+    def __init__(self, name: str, settings: Settings) -> None:
+        self.name = name
+        self.max_queued = settings.lane_max_queued
+        self.policy = settings.lane_full_policy
+        self.block_timeout_s = settings.lane_block_timeout
+        self.broker_state = virtual.BrokerState()
+        self.dropped_transient = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._queues: dict[str, deque[Message]] = {}
+        self._transient: set[str] = set()
+        self._unacked: dict[object, str] = {}
+        self._seq = 0
+        self._tags = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"<Lane local://{self.name} queues={len(self._queues)} unacked={len(self._unacked)}>"
+
+    # -- queues -------------------------------------------------------------
+    def declare(self, queue: str, transient: bool = False) -> None:
+        """Create ``queue`` if missing; ``transient`` queues drop oldest when full."""
+        with self._cond:
+            if queue not in self._queues:
+                self._queues[queue] = deque()
+                if transient:
+                    self._transient.add(queue)
+
+    def has(self, queue: str) -> bool:
+        return queue in self._queues
+
+    def depth(self, queue: str) -> int:
+        """Messages waiting (not delivered) in ``queue``."""
+        q = self._queues.get(queue)
+        return len(q) if q is not None else 0
+
+    def queues(self) -> list[str]:
+        """Names of the task (non-transient) queues."""
+        return [q for q in list(self._queues) if q not in self._transient]
+
+    def unacked(self, queue: str | None = None) -> int:
+        """Messages delivered to a consumer and not yet acked or rejected."""
+        if queue is None:
+            return len(self._unacked)
+        return sum(1 for q in list(self._unacked.values()) if q == queue)
+
+    def next_tag(self) -> int:
+        return next(self._tags)
+
+    def put(self, queue: str, message: Message) -> None:
+        """Append ``message`` to ``queue``, applying the bound and full policy."""
+        with self._cond:
+            q = self._queues.get(queue)
+            if q is None:
+                q = self._queues[queue] = deque()
+            if len(q) >= self.max_queued:
+                if queue in self._transient:
+                    q.popleft()
+                    self.dropped_transient += 1
+                elif self.policy == "raise" or self.block_timeout_s <= 0:
+                    raise QueueFull(queue, self.max_queued, len(q))
+                else:
+                    start = monotonic()
+                    has_room = self._cond.wait_for(
+                        lambda: len(q) < self.max_queued, self.block_timeout_s
+                    )
+                    if not has_room:
+                        raise QueueFull(queue, self.max_queued, len(q), monotonic() - start)
+            q.append(message)
+            self._bump()
+
+    def restore(self, queue: str, message: Message, tag: object) -> None:
+        """Put a delivered message back at the front of ``queue`` (ignores the bound)."""
+        with self._cond:
+            self._unacked.pop(tag, None)
+            self._queues.setdefault(queue, deque()).appendleft(message)
+            self._bump()
+
+    def get(self, queue: str, track: bool) -> Message:
+        """Pop the next message of ``queue`` or raise :class:`queue.Empty`."""
+        q = self._queues.get(queue)
+        if not q:
+            raise Empty()
+        with self._cond:
+            try:
+                message = q.popleft()
+            except IndexError:
+                raise Empty() from None
+            if track:
+                self._unacked[message["properties"]["delivery_tag"]] = queue
+            if len(q) == self.max_queued - 1:
+                self._cond.notify_all()  # a blocked producer may go on
+            return message
+
+    def settle(self, tag: object) -> None:
+        """Forget a delivered message (acked or rejected) and wake waiters."""
+        with self._cond:
+            if self._unacked.pop(tag, None) is not None:
+                self._bump()
+
+    def purge(self, queue: str) -> int:
+        with self._cond:
+            q = self._queues.get(queue)
+            n = len(q) if q else 0
+            if q:
+                q.clear()
+                self._cond.notify_all()
+            return n
+
+    def delete(self, queue: str) -> None:
+        with self._cond:
+            self._queues.pop(queue, None)
+            self._transient.discard(queue)
+            self._cond.notify_all()
+
+    # -- waiting ------------------------------------------------------------
+    @property
+    def seq(self) -> int:
+        """Changes whenever a message arrives or is settled."""
+        return self._seq
+
+    def _bump(self) -> None:
+        self._seq += 1
+        self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Wake every waiter (used on shutdown)."""
+        with self._cond:
+            self._bump()
+
+    def wait(self, seq: int, timeout: float | None) -> None:
+        """Block until :attr:`seq` differs from ``seq`` or ``timeout`` passes."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._seq != seq, timeout)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Block until ``predicate()`` holds (re-checked on every change)."""
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
+    def idle(self, queues: Iterable[str]) -> bool:
+        """True when ``queues`` are empty and nothing delivered is unacked."""
+        return not self._unacked and all(not self._queues.get(q) for q in queues)
+
+
+class Lanes:
+    """An app's local lanes, one per ``local://<name>`` URL.
+
+    Created by ``install(app)`` and passed to the transport through
+    ``broker_transport_options``.
+
+    Example::
+
+        lanes = Lanes(Settings())
+        lanes.get("") is lanes.get("")   # True: one lane per name
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lanes: dict[str, Lane] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Lanes {sorted(self._lanes)}>"
+
+    def get(self, name: str = "") -> Lane:
+        with self._lock:
+            lane = self._lanes.get(name)
+            if lane is None:
+                lane = self._lanes[name] = Lane(name, self.settings)
+            return lane
+
+    @classmethod
+    def of(cls, app: Celery) -> Lanes:
+        """The lanes installed on ``app``.
+
+        Example::
+
+            Lanes.of(app).get().depth("celery")
+        """
+        lanes = app.conf.broker_transport_options.get(LANES_OPTION)
+        if not isinstance(lanes, Lanes):
+            raise LaneNotInstalled("call celery_ext.install(app) before using local://")
+        return lanes
+
+
+class Channel(virtual.Channel):
+    """A channel on a :class:`Lane`; see the module docstring."""
+
+    body_encoding = None  # bodies stay in memory: no base64 round trip
+    do_restore = True
+    supports_fanout = True
+    connection: Transport
+
+    def __init__(self, connection: Transport, **kwargs: Any) -> None:
+        self.lane = connection.lane
+        self._no_ack_queues: set[str] = set()
+        super().__init__(connection, **kwargs)
+
+    def _next_delivery_tag(self) -> int:
+        return self.lane.next_tag()
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        return self.lane.has(queue)
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        self.lane.declare(queue, transient=bool(kwargs.get("auto_delete")))
+
+    def _get(self, queue: str, timeout: float | None = None) -> Message:
+        return self.lane.get(queue, track=queue not in self._no_ack_queues)
+
+    def _put(self, queue: str, message: Message, **kwargs: Any) -> None:
+        self.lane.put(queue, message)
+
+    def _put_fanout(self, exchange: str, message: Message, routing_key: str, **kwargs: Any) -> None:
+        for queue in self._lookup(exchange, routing_key):
+            self.lane.put(queue, message)
+
+    def _size(self, queue: str) -> int:
+        return self.lane.depth(queue)
+
+    def _purge(self, queue: str) -> int:
+        return self.lane.purge(queue)
+
+    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
+        self.lane.delete(queue)
+
+    def _queue_bind(self, *args: Any) -> None:
+        pass
+
+    def _restore(self, message: Any) -> None:
+        info = message.delivery_info
+        raw = message.serializable()
+        raw["redelivered"] = True
+        for queue in self._lookup(info["exchange"], info["routing_key"]):
+            self.lane.restore(queue, raw, message.delivery_tag)
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        try:
+            message = self.Message(self.lane.get(queue, track=not no_ack), channel=self)
+        except Empty:
+            return None
+        if not no_ack:
+            self.qos.append(message, message.delivery_tag)
+        return message
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def basic_ack(self, delivery_tag: object, multiple: bool = False) -> None:
+        super().basic_ack(delivery_tag, multiple)
+        self.lane.settle(delivery_tag)
+
+    def basic_reject(self, delivery_tag: object, requeue: bool = False) -> None:
+        super().basic_reject(delivery_tag, requeue)
+        self.lane.settle(delivery_tag)
+
+    def after_reply_message_received(self, queue: str) -> None:
+        pass
+
+
+class Transport(virtual.Transport):
+    """kombu transport for ``local://`` URLs (registered by ``install(app)``).
+
+    Example::
+
+        with app.connection_for_write() as conn:   # broker "local://"
+            conn.default_channel.queue_declare("jobs")
+    """
+
+    Channel = Channel
+    implements = virtual.Transport.implements.extend(
+        asynchronous=False,
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
+        heartbeats=False,
+    )
+    driver_type = "local"
+    driver_name = "celery_ext.local"
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        lanes = client.transport_options.get(LANES_OPTION)
+        if not isinstance(lanes, Lanes):
+            raise LaneNotInstalled(
+                "local:// has no lane for this connection: call celery_ext.install(app) "
+                "before connecting (or pass transport_options={'celery_ext_lanes': Lanes(...)})"
+            )
+        self.lane = lanes.get(client.virtual_host.strip("/") if client.virtual_host else "")
+        self.state = self.lane.broker_state
+
+    def driver_version(self) -> str:
+        return "1"
+
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        return {"hostname": None, "port": None}  # no server: nothing to default to
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+        # Instead of kombu's sleep-and-poll loop: sleep on the lane until something changes.
+        lane = self.lane
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            seq = lane.seq
+            try:
+                self.cycle.get(self._deliver, timeout=timeout)
+                return
+            except Empty:
+                pass
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError()  # socket.timeout, as kombu's callers expect
+            lane.wait(seq, remaining)
+
+
+def is_local(app: Celery) -> bool:
+    """True when ``app``'s broker is the local lane.
+
+    Example::
+
+        is_local(Celery(broker="local://"))   # True
+    """
+    url = app.conf.broker_url or ""
+    return isinstance(url, str) and url.startswith("local://")
+
+
+class LaneGuard(bootsteps.Step):  # type: ignore[misc]
+    """Worker step that refuses the prefork pool on the local lane.
+
+    Installed by ``install(app)``; prefork children cannot reach the memory of
+    the process that owns the lane.
+
+    Example::
+
+        app.WorkController(pool="prefork")   # raises ImproperlyConfigured on local://
+    """
+
+    name = "celery_ext.local.LaneGuard"
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        pool = getattr(w, "pool_cls", None)
+        module = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+        if is_local(w.app) and module.rsplit(".", 1)[-1] in ("prefork", "processes"):
+            raise ImproperlyConfigured(
+                "the local lane (local://) lives in this process's memory and prefork "
+                "children cannot reach it; start the worker with -P threads, -P solo or "
+                "-P gevent (or use LocalWorker, which runs threads)"
+            )
+        super().__init__(w, **kwargs)
+
+
+@dataclass
+class DrainReport:
+    """What :meth:`LocalWorker.stop` did.
+
+    Example::
+
+        report = worker.stop(timeout=5)
+        report.dropped   # messages left unrun and discarded
+    """
+
+    drained: bool
+    dropped: int
+    dropped_ids: list[str] = field(default_factory=list)
+    still_running: bool = False
+    waited_s: float = 0.0
+
+
+class ThreadPool(ThreadTaskPool):  # type: ignore[misc]
+    """Celery's threads pool whose threads see the worker's app as ``current_app``.
+
+    Stock threads fall back to the process default app, which in a process
+    holding several apps is not the one the embedded worker runs.
+
+    Example::
+
+        LocalWorker(app, pool="threads")   # uses this class
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        app = self.app
+        self.executor = ThreadPoolExecutor(
+            max_workers=self.limit, initializer=app.set_current if app is not None else None
+        )
+
+
+class _Controller:
+    """Factory for the embedded worker's WorkController subclass (built per app)."""
+
+    @staticmethod
+    def build(app: Celery, ready: threading.Event) -> Any:
+        base = app.WorkController
+
+        class EmbeddedWorkController(base):  # type: ignore[misc, valid-type]
+            def on_consumer_ready(self, consumer: Any) -> None:
+                super().on_consumer_ready(consumer)
+                ready.set()
+
+        return EmbeddedWorkController
+
+
+class LocalWorker:
+    """Run Celery's real worker for a local-lane app inside this process.
+
+    A threads pool by default; acks, task signals, task events and the result
+    backend work as in ``celery worker``. Use as a context manager or call
+    :meth:`start` / :meth:`stop` (e.g. from a web app's startup and shutdown hooks).
+    :meth:`stop` lets queued work finish within ``drain_timeout`` and returns a
+    :class:`DrainReport` with the messages it had to drop.
+
+    Example::
+
+        with LocalWorker(app, concurrency=4) as worker:
+            add.delay(1, 2)
+            worker.join(timeout=5)      # re-raises the first task failure
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        concurrency: int = 4,
+        pool: str = "threads",
+        queues: Iterable[str] | None = None,
+        hostname: str | None = None,
+        loglevel: str | int = "WARNING",
+        drain_timeout: float | None = None,
+        **worker_options: Any,
+    ) -> None:
+        self.app = app
+        self.lane = lane_of(app)
+        settings = settings_of(app)
+        self.drain_timeout_s = settings.drain_timeout if drain_timeout is None else drain_timeout
+        self.queues = list(queues) if queues else None
+        self.hostname = hostname or f"local-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+        self._options = dict(
+            concurrency=concurrency,
+            pool=pool,
+            loglevel=loglevel,
+            without_mingle=True,
+            without_gossip=True,
+            **worker_options,
+        )
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._controller: Any = None
+        self._failures: list[BaseException] = []
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> LocalWorker:
+        """Start the worker thread and wait until it consumes.
+
+        Example::
+
+            worker = LocalWorker(app).start()
+        """
+        if self._thread is not None:
+            raise RuntimeError("LocalWorker already started")
+        app = self.app
+        app.finalize()
+        options = dict(self._options)
+        if options["pool"] == "threads":
+            options["pool"] = ThreadPool
+        if self.queues:
+            options["queues"] = self.queues
+        controller = _Controller.build(app, self._ready)(
+            app=app, hostname=self.hostname, ready_callback=None, **options
+        )
+        self._controller = controller
+        signals.task_failure.connect(self._on_failure, weak=False)
+
+        def run() -> None:
+            app.set_current()  # solo and the consumer run here; see ThreadPool
+            controller.start()
+
+        self._thread = threading.Thread(target=run, name=f"celery_ext-{self.hostname}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout) or not self._thread.is_alive():
+            self._disconnect()
+            raise RuntimeError(f"embedded worker {self.hostname} did not start in {timeout}s")
+        return self
+
+    def consumed_queues(self) -> list[str]:
+        """Names of the queues this worker consumes.
+
+        Example::
+
+            worker.consumed_queues()   # ['celery']
+        """
+        if self._controller is not None:
+            return sorted(q.name for q in self._controller.app.amqp.queues.consume_from.values())
+        return self.queues or [self.app.conf.task_default_queue]
+
+    def stop(self, timeout: float | None = None) -> DrainReport:
+        """Drain queued work within ``timeout`` (default ``drain_timeout``), then stop.
+
+        Messages still queued (or handed back unacked) when the deadline passes
+        are dropped: logged with their ids and counted in the report.
+
+        Example::
+
+            report = worker.stop(timeout=10)
+            print(report.dropped, report.drained)
+        """
+        if self._thread is None:
+            return DrainReport(drained=True, dropped=0)
+        timeout = self.drain_timeout_s if timeout is None else timeout
+        start = monotonic()
+        queues = self.consumed_queues()
+        lane = self.lane
+        drained = self._wait(lambda: self._idle(queues) or self._dead(), timeout)
+        self._controller.stop(in_sighandler=False)
+        lane.wake()
+        self._thread.join(max(0.0, timeout - (monotonic() - start)) + 1.0)
+        still_running = self._thread.is_alive()
+        self._disconnect()
+        dropped_ids: list[str] = []
+        for queue in queues:
+            dropped_ids.extend(self._drop(queue))
+        report = DrainReport(
+            drained=drained and not dropped_ids,
+            dropped=len(dropped_ids),
+            dropped_ids=dropped_ids,
+            still_running=still_running,
+            waited_s=monotonic() - start,
+        )
+        if dropped_ids:
+            logger.warning(
+                "celery_ext local lane: dropped %d queued message(s) at stop after %.1fs: %s",
+                len(dropped_ids),
+                report.waited_s,
+                ", ".join(dropped_ids[:20]) + (" ..." if len(dropped_ids) > 20 else ""),
+            )
+        self._thread = None
+        return report
+
+    def _idle(self, queues: list[str]) -> bool:
+        """Nothing queued, unacked, reserved or running for this app."""
+        app = self.app
+        if not self.lane.idle(queues):
+            return False
+        # Early-acked tasks are settled on the lane while they still run: ask the worker.
+        for requests in (worker_state.active_requests, worker_state.reserved_requests):
+            if any(getattr(r, "_app", None) is app for r in list(requests)):
+                return False
+        return True
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        # Woken at once by lane traffic; the short re-check covers a task that
+        # finishes without touching the lane (early ack).
+        deadline = monotonic() + timeout
+        while not predicate():
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                return False
+            self.lane.wait_until(predicate, min(remaining, 0.02))
+        return True
+
+    def _dead(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def _drop(self, queue: str) -> list[str]:
+        ids = []
+        with self.app.connection_for_write() as conn:
+            channel = conn.default_channel
+            while True:
+                message = channel.basic_get(queue, no_ack=True)
+                if message is None:
+                    return ids
+                ids.append(str(message.headers.get("id") or message.delivery_tag))
+
+    def _disconnect(self) -> None:
+        signals.task_failure.disconnect(self._on_failure)
+
+    def __enter__(self) -> LocalWorker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- testing aid --------------------------------------------------------
+    def _on_failure(
+        self, sender: Any = None, exception: BaseException | None = None, **_: Any
+    ) -> None:
+        if getattr(sender, "app", None) is self.app and exception is not None:
+            self._failures.append(exception)
+            self.lane.wake()
+
+    def join(self, queue: str | None = None, timeout: float = 10.0, fail_fast: bool = True) -> None:
+        """Wait until ``queue`` (default: every consumed queue) is empty and nothing is unacked.
+
+        With ``fail_fast`` the first task failure since the last ``join`` is
+        re-raised as soon as it happens. Raises :class:`TimeoutError` when the
+        lane is still busy after ``timeout`` seconds.
+
+        Example::
+
+            add.delay(1, "a")
+            worker.join(timeout=5)     # raises the task's TypeError
+        """
+        queues = [queue] if queue else self.consumed_queues()
+        lane = self.lane
+
+        def done() -> bool:
+            return bool(fail_fast and self._failures) or self._idle(queues)
+
+        if not self._wait(done, timeout):
+            raise TimeoutError(
+                f"local lane still busy after {timeout}s: "
+                + ", ".join(f"{q}={lane.depth(q)} queued" for q in queues)
+                + f", {lane.unacked()} unacked"
+            )
+        if fail_fast and self._failures:
+            raise self._failures.pop(0)
+
+
+def lane_of(app: Celery) -> Lane:
+    """The lane ``app``'s broker URL points at.
+
+    Example::
+
+        lane_of(app).depth("celery")
+    """
+    with app.connection_for_write() as conn:
+        transport = conn.transport
+        if not isinstance(transport, Transport):
+            raise ImproperlyConfigured(
+                f"{app.main!r} does not use local:// (broker {conn.as_uri()})"
+            )
+        return transport.lane
