@@ -13,15 +13,20 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+import typing
 
-from celery import Celery
-from kombu.transport import TRANSPORT_ALIASES
+import kombu.transport
 
-from ._settings import Settings, installed, remember, settings_of
+from . import _settings, local
+from ._settings import Settings, settings_of
 from .errors import CeleryExtError, ConfigurationError, LaneNotInstalled, QueueFull
-from .local import LANES_OPTION, DrainReport, LaneGuard, Lanes, LocalWorker
+from .local import DrainReport, LocalWorker
 from .observability import start_flower
+
+if typing.TYPE_CHECKING:
+    from typing import Any
+
+    from celery import Celery
 
 __all__ = [
     "CeleryExtError",
@@ -55,7 +60,7 @@ def install(app: Celery, **overrides: Any) -> Settings:
         settings = celery_ext.install(app, lane_full_policy="raise")
         settings.lane_max_queued   # 10000
     """
-    existing = installed(app)
+    existing = _settings.installed(app)
     if existing is not None:
         if overrides and Settings.from_app(app, overrides) != existing:
             raise ConfigurationError(
@@ -65,10 +70,10 @@ def install(app: Celery, **overrides: Any) -> Settings:
         return existing
     settings = Settings.from_app(app, overrides)
     # kombu resolves URL schemes through this registry; 'local' names our transport.
-    TRANSPORT_ALIASES.setdefault("local", "celery_ext.local:Transport")
+    kombu.transport.TRANSPORT_ALIASES.setdefault("local", "celery_ext.local:Transport")
     options = dict(app.conf.broker_transport_options or {})
-    options[LANES_OPTION] = Lanes(settings)
+    options[local.LANES_OPTION] = local.Lanes(settings)
     app.conf.broker_transport_options = options
-    app.steps["worker"].add(LaneGuard)
-    remember(app, settings)
+    app.steps["worker"].add(local.LaneGuard)
+    _settings.remember(app, settings)
     return settings

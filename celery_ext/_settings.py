@@ -156,4 +156,5 @@ def remember(app: Celery, settings: Settings) -> None:
 
 def installed(app: Celery) -> Settings | None:
     """The installed settings of ``app``, or None."""
-    return app.__dict__.get(_MARK)
+    settings: Settings | None = app.__dict__.get(_MARK)
+    return settings

@@ -42,8 +42,8 @@ import socket
 import threading
 import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from queue import Empty
 from time import monotonic
@@ -51,10 +51,14 @@ from types import TracebackType
 from typing import Any
 
 from celery import Celery, bootsteps, signals
+from celery._state import _set_task_join_will_block
+from celery.app.trace import build_tracer
 from celery.concurrency.thread import TaskPool as ThreadTaskPool
 from celery.exceptions import ImproperlyConfigured
+from celery.utils import timer2
 from celery.worker import state as worker_state
 from kombu.transport import virtual
+from kombu.utils.imports import symbol_by_name
 
 from ._settings import Settings, settings_of
 from .errors import LaneNotInstalled, QueueFull
@@ -251,7 +255,13 @@ class Lanes:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<Lanes {sorted(self._lanes)}>"
+        # kombu keys its global producer pools on repr(transport_options):
+        # the id keeps two apps' lanes from sharing one pool (and one lane).
+        return f"<Lanes {id(self):#x} {sorted(self._lanes)}>"
+
+    def __json__(self) -> str:
+        # `inspect stats` (and so Flower) serialises the broker's transport options.
+        return repr(self)
 
     def get(self, name: str = "") -> Lane:
         with self._lock:
@@ -274,7 +284,7 @@ class Lanes:
         return lanes
 
 
-class Channel(virtual.Channel):
+class Channel(virtual.Channel):  # type: ignore[misc]
     """A channel on a :class:`Lane`; see the module docstring."""
 
     body_encoding = None  # bodies stay in memory: no base64 round trip
@@ -351,7 +361,7 @@ class Channel(virtual.Channel):
         pass
 
 
-class Transport(virtual.Transport):
+class Transport(virtual.Transport):  # type: ignore[misc]
     """kombu transport for ``local://`` URLs (registered by ``install(app)``).
 
     Example::
@@ -379,6 +389,7 @@ class Transport(virtual.Transport):
             )
         self.lane = lanes.get(client.virtual_host.strip("/") if client.virtual_host else "")
         self.state = self.lane.broker_state
+        self._closed = False
 
     def driver_version(self) -> str:
         return "1"
@@ -399,9 +410,14 @@ class Transport(virtual.Transport):
             except Empty:
                 pass
             remaining = None if deadline is None else deadline - monotonic()
-            if remaining is not None and remaining <= 0:
+            if self._closed or (remaining is not None and remaining <= 0):
                 raise TimeoutError()  # socket.timeout, as kombu's callers expect
             lane.wait(seq, remaining)
+
+    def close_connection(self, connection: Any) -> None:
+        self._closed = True
+        super().close_connection(connection)
+        self.lane.wake()  # a consumer asleep in drain_events returns now, not at its timeout
 
 
 def is_local(app: Celery) -> bool:
@@ -476,19 +492,86 @@ class ThreadPool(ThreadTaskPool):  # type: ignore[misc]
         )
 
 
-class _Controller:
-    """Factory for the embedded worker's WorkController subclass (built per app)."""
+class WakeableTimer(timer2.Timer):  # type: ignore[misc]
+    """Celery's timer thread, sleeping on its condition instead of ``time.sleep``.
 
-    @staticmethod
-    def build(app: Celery, ready: threading.Event) -> Any:
-        base = app.WorkController
+    Stock ``timer2.Timer`` sleeps up to a whole tick (1 s) even when an earlier
+    entry arrives or the worker stops; this one wakes for both.
 
-        class EmbeddedWorkController(base):  # type: ignore[misc, valid-type]
-            def on_consumer_ready(self, consumer: Any) -> None:
-                super().on_consumer_ready(consumer)
-                ready.set()
+    Example::
 
-        return EmbeddedWorkController
+        LocalWorker(app)   # passes timer_cls=WakeableTimer to the worker
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stopping = threading.Event()
+        self._finished = threading.Event()
+
+    def run(self) -> None:
+        self.running = True
+        self.scheduler = iter(self.schedule)
+        try:
+            while not self._stopping.is_set():
+                delay = self._next_entry()
+                if delay:
+                    if self.on_tick:
+                        self.on_tick(delay)
+                    with self.not_empty:
+                        if not self._stopping.is_set():
+                            self.not_empty.wait(delay)
+        except Exception:
+            logger.exception("celery_ext timer thread crashed")
+        finally:
+            self._finished.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self.not_empty:
+            self.not_empty.notify_all()
+        if self.running:
+            self._finished.wait()
+            self.join()
+            self.running = False
+
+
+class _LateStrategies(dict[str, Any]):
+    """Consumer strategy table that learns tasks registered after the worker started.
+
+    Stock embedded workers reject such tasks as unregistered until ``reload()``;
+    an in-process worker shares ``app.tasks`` with the code defining them.
+    """
+
+    consumer: Any = None
+
+    def __missing__(self, name: str) -> Any:
+        consumer = self.consumer
+        task = consumer.app.tasks.get(name) if consumer is not None else None
+        if task is None:
+            raise KeyError(name)
+        app = consumer.app
+        strategy = self[name] = task.start_strategy(app, consumer)
+        task.__trace__ = build_tracer(name, task, app.loader, consumer.hostname, app=app)
+        return strategy
+
+
+def _embedded_classes(app: Celery, ready: threading.Event) -> tuple[Any, Any]:
+    """The WorkController and Consumer subclasses of one LocalWorker."""
+    consumer_base = symbol_by_name(app.conf.worker_consumer)
+
+    class EmbeddedConsumer(consumer_base):  # type: ignore[misc, valid-type]
+        Strategies = _LateStrategies
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.strategies.consumer = self
+
+    class EmbeddedWorkController(app.WorkController):  # type: ignore[misc]
+        def on_consumer_ready(self, consumer: Any) -> None:
+            super().on_consumer_ready(consumer)
+            ready.set()
+
+    return EmbeddedWorkController, EmbeddedConsumer
 
 
 class LocalWorker:
@@ -553,10 +636,17 @@ class LocalWorker:
         options = dict(self._options)
         if options["pool"] == "threads":
             options["pool"] = ThreadPool
+        if options["pool"] in (ThreadPool, "solo"):
+            options.setdefault("timer_cls", WakeableTimer)
         if self.queues:
             options["queues"] = self.queues
-        controller = _Controller.build(app, self._ready)(
-            app=app, hostname=self.hostname, ready_callback=None, **options
+        controller_cls, consumer_cls = _embedded_classes(app, self._ready)
+        controller = controller_cls(
+            app=app,
+            hostname=self.hostname,
+            ready_callback=None,
+            consumer_cls=consumer_cls,
+            **options,
         )
         self._controller = controller
         signals.task_failure.connect(self._on_failure, weak=False)
@@ -570,6 +660,10 @@ class LocalWorker:
         if not self._ready.wait(timeout) or not self._thread.is_alive():
             self._disconnect()
             raise RuntimeError(f"embedded worker {self.hostname} did not start in {timeout}s")
+        # The worker marks the whole process as "inside a worker", where result.get()
+        # is refused; the embedding code is not a task (Celery's own embedded test
+        # worker resets it the same way).
+        _set_task_join_will_block(False)
         return self
 
     def consumed_queues(self) -> list[str]:
@@ -652,7 +746,7 @@ class LocalWorker:
         return self._thread is None or not self._thread.is_alive()
 
     def _drop(self, queue: str) -> list[str]:
-        ids = []
+        ids: list[str] = []
         with self.app.connection_for_write() as conn:
             channel = conn.default_channel
             while True:

@@ -1,0 +1,86 @@
+"""Shared fixtures: real brokers (Redis, RabbitMQ) with unique names per run.
+
+Broker tests skip with a reason when a server is unreachable, and fail instead
+when CELERY_EXT_REQUIRE_BROKERS=1 (set by .ci/run).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery
+
+# pytest-celery replaces the classic celery_worker fixture with a Docker one
+# (pytest-celery #442); there is no Docker engine here, so take the classic one back.
+from celery.contrib.pytest import celery_worker  # noqa: F401
+
+import celery_ext
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+AMQP_HOST, AMQP_PORT = "127.0.0.1", 5672
+REDIS_DB = 11  # ours alone on the shared server; never flushed wholesale
+RUN_ID = uuid.uuid4().hex[:8]
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _need(host: str, port: int, what: str) -> None:
+    if _reachable(host, port):
+        return
+    reason = f"{what} is not reachable at {host}:{port}"
+    if os.environ.get("CELERY_EXT_REQUIRE_BROKERS") == "1":
+        pytest.fail(f"{reason} and CELERY_EXT_REQUIRE_BROKERS=1", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of our Redis db on the shared server (skips/fails when unreachable)."""
+    _need(REDIS_HOST, REDIS_PORT, "Redis")
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """URL of the shared RabbitMQ (skips/fails when unreachable)."""
+    _need(AMQP_HOST, AMQP_PORT, "RabbitMQ")
+    return f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}//"
+
+
+@pytest.fixture
+def unique_queue() -> str:
+    """A queue name no other test or run uses."""
+    return f"celery_ext.test.{RUN_ID}.{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(params=["local", "redis", "amqp"])
+def broker_app(request: pytest.FixtureRequest, unique_queue: str) -> Iterator[Celery]:
+    """An installed app on each real broker, with its own default queue."""
+    url = (
+        "local://" if request.param == "local" else request.getfixturevalue(f"{request.param}_url")
+    )
+    app = Celery(
+        f"celery_ext_{request.param}_{uuid.uuid4().hex[:6]}", broker=url, set_as_current=False
+    )
+    app.conf.update(
+        task_default_queue=unique_queue,
+        result_backend="cache+memory://",
+        broker_connection_retry_on_startup=False,
+        worker_hijack_root_logger=False,
+    )
+    celery_ext.install(app)
+    yield app
+    if request.param != "local":
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(unique_queue)
+    app.close()

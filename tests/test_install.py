@@ -1,0 +1,94 @@
+"""install(): idempotent, per app, nothing on import, a complete public API."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from celery import Celery
+from kombu import Connection
+
+import celery_ext
+from celery_ext import ConfigurationError, LaneNotInstalled, LocalWorker
+from celery_ext.local import Lanes, Transport, lane_of
+
+
+def test_install_is_idempotent() -> None:
+    app = Celery("idem", broker="local://", set_as_current=False)
+    first = celery_ext.install(app, lane_max_queued=5)
+    steps = {name: set(app.steps[name]) for name in ("worker", "consumer")}
+    options = {name: set(app.user_options[name]) for name in ("worker",)}
+    lanes = Lanes.of(app)
+
+    assert celery_ext.install(app) is first
+    assert celery_ext.install(app, lane_max_queued=5) is first
+    assert {name: set(app.steps[name]) for name in ("worker", "consumer")} == steps
+    assert {name: set(app.user_options[name]) for name in ("worker",)} == options
+    assert Lanes.of(app) is lanes
+
+
+def test_second_install_with_other_settings_is_refused() -> None:
+    app = Celery("idem2", broker="local://", set_as_current=False)
+    celery_ext.install(app, lane_max_queued=5)
+    with pytest.raises(ConfigurationError, match="already installed"):
+        celery_ext.install(app, lane_max_queued=6)
+
+
+def test_nothing_happens_on_import() -> None:
+    code = (
+        "import kombu.transport as t, celery_ext\n"
+        "from celery import Celery\n"
+        "assert 'local' not in t.TRANSPORT_ALIASES\n"
+        "app = Celery('x', broker='local://')\n"
+        "assert not app.steps['worker'], app.steps\n"
+        "celery_ext.install(app)\n"
+        "assert 'local' in t.TRANSPORT_ALIASES\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+def test_local_url_without_install_says_what_to_do() -> None:
+    with pytest.raises(LaneNotInstalled, match=r"celery_ext.install\(app\)"):
+        Connection("local://", transport=Transport).connect()
+
+
+def test_two_apps_in_one_process_never_share_a_lane() -> None:
+    a = Celery("iso_a", broker="local://", set_as_current=False)
+    b = Celery("iso_b", broker="local://", set_as_current=False)
+    celery_ext.install(a)
+    celery_ext.install(b)
+    ran: dict[str, list[int]] = {"a": [], "b": []}
+
+    @a.task(name="shared.name", shared=False)
+    def task_a(i: int) -> None:
+        ran["a"].append(i)
+
+    @b.task(name="shared.name", shared=False)
+    def task_b(i: int) -> None:
+        ran["b"].append(i)
+
+    for i in range(5):
+        task_a.delay(i)
+    assert lane_of(a).depth("celery") == 5
+    assert lane_of(b).depth("celery") == 0
+
+    with LocalWorker(b) as wb:
+        task_b.delay(99)
+        wb.join(timeout=10)
+    assert ran == {"a": [], "b": [99]}
+    with LocalWorker(a) as wa:
+        wa.join(timeout=10)
+    assert sorted(ran["a"]) == [0, 1, 2, 3, 4]
+
+
+def test_public_names_are_exported() -> None:
+    public = {n for n in dir(celery_ext) if not n.startswith("_")} - {"annotations", "typing"}
+    modules = {n for n in public if type(getattr(celery_ext, n)).__name__ == "module"}
+    assert set(celery_ext.__all__) == (public - modules) | {"__version__"}
+    for name in celery_ext.__all__:
+        assert getattr(celery_ext, name) is not None
+        if name != "__version__":
+            assert getattr(celery_ext, name).__doc__, f"{name} has no docstring"
