@@ -143,7 +143,7 @@ def settings_of(app: Celery) -> Settings:
 
         celery_ext.settings_of(app).drain_timeout   # 30.0
     """
-    settings: Settings | None = app.__dict__.get(_MARK)
+    settings = installed(app)
     if settings is None:
         raise ConfigurationError("celery_ext.install(app) has not been called for this app")
     return settings

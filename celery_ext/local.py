@@ -43,20 +43,21 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from queue import Empty
+from queue import Empty, SimpleQueue
 from time import monotonic
 from types import TracebackType
 from typing import Any
 
 from celery import Celery, bootsteps, signals
 from celery._state import _set_task_join_will_block
+from celery.app.amqp import AMQP
 from celery.app.trace import build_tracer
-from celery.concurrency.thread import TaskPool as ThreadTaskPool
+from celery.concurrency.base import BasePool, apply_target
 from celery.exceptions import ImproperlyConfigured
 from celery.utils import timer2
 from celery.worker import state as worker_state
+from kombu import Producer
 from kombu.transport import virtual
 from kombu.utils.imports import symbol_by_name
 
@@ -76,10 +77,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Seconds stop() gives running tasks beyond its drain deadline before reporting them.
+STOP_GRACE_S = 1.0
+
 #: Key under ``broker_transport_options`` that carries an app's :class:`Lanes`.
 LANES_OPTION = "celery_ext_lanes"
 
 Message = dict[str, Any]
+Snapshot = tuple[tuple[tuple[str, int], ...], int, int]
 
 
 class Lane:
@@ -105,8 +110,16 @@ class Lane:
         self._queues: dict[str, deque[Message]] = {}
         self._transient: set[str] = set()
         self._unacked: dict[object, str] = {}
-        self._seq = 0
         self._tags = itertools.count(1)
+        # Change counters, and who waits for what, so that a publish or an ack
+        # only pays for a notify when somebody is waiting for exactly that.
+        self._arrivals: dict[str, int] = {}
+        self._settled = 0
+        self._woken = 0
+        self._watched: dict[str, int] = {}  # queue -> consumers asleep on it
+        self._settle_waiters = 0  # consumers whose prefetch window is full
+        self._any_waiters = 0  # join()/stop(): every change matters
+        self._room_waiters = 0  # producers blocked on a full queue
 
     def __repr__(self) -> str:
         return f"<Lane local://{self.name} queues={len(self._queues)} unacked={len(self._unacked)}>"
@@ -154,43 +167,57 @@ class Lane:
                 elif self.policy == "raise" or self.block_timeout_s <= 0:
                     raise QueueFull(queue, self.max_queued, len(q))
                 else:
-                    start = monotonic()
-                    has_room = self._cond.wait_for(
-                        lambda: len(q) < self.max_queued, self.block_timeout_s
-                    )
-                    if not has_room:
-                        raise QueueFull(queue, self.max_queued, len(q), monotonic() - start)
+                    self._wait_for_room(queue, q)
             q.append(message)
-            self._bump()
+            self._arrived(queue)
+
+    def _wait_for_room(self, queue: str, q: deque[Message]) -> None:
+        start = monotonic()
+        self._room_waiters += 1
+        try:
+            has_room = self._cond.wait_for(lambda: len(q) < self.max_queued, self.block_timeout_s)
+        finally:
+            self._room_waiters -= 1
+        if not has_room:
+            raise QueueFull(queue, self.max_queued, len(q), monotonic() - start)
+
+    def _arrived(self, queue: str) -> None:
+        self._arrivals[queue] = self._arrivals.get(queue, 0) + 1
+        if self._any_waiters or queue in self._watched:
+            self._cond.notify_all()
 
     def restore(self, queue: str, message: Message, tag: object) -> None:
         """Put a delivered message back at the front of ``queue`` (ignores the bound)."""
         with self._cond:
             self._unacked.pop(tag, None)
             self._queues.setdefault(queue, deque()).appendleft(message)
-            self._bump()
+            self._settled += 1
+            self._arrived(queue)
+            self._cond.notify_all()
 
-    def get(self, queue: str, track: bool) -> Message:
-        """Pop the next message of ``queue`` or raise :class:`queue.Empty`."""
+    def pop(self, queue: str, track: bool) -> Message | None:
+        """The next message of ``queue``, or None; ``track`` it as unacked."""
         q = self._queues.get(queue)
         if not q:
-            raise Empty()
+            return None
         with self._cond:
             try:
                 message = q.popleft()
             except IndexError:
-                raise Empty() from None
+                return None
             if track:
                 self._unacked[message["properties"]["delivery_tag"]] = queue
-            if len(q) == self.max_queued - 1:
-                self._cond.notify_all()  # a blocked producer may go on
+            if self._room_waiters:
+                self._cond.notify_all()
             return message
 
     def settle(self, tag: object) -> None:
-        """Forget a delivered message (acked or rejected) and wake waiters."""
+        """Forget a delivered message (acked or rejected) and wake who waits for it."""
         with self._cond:
             if self._unacked.pop(tag, None) is not None:
-                self._bump()
+                self._settled += 1
+                if self._settle_waiters or self._any_waiters:
+                    self._cond.notify_all()
 
     def purge(self, queue: str) -> int:
         with self._cond:
@@ -208,29 +235,55 @@ class Lane:
             self._cond.notify_all()
 
     # -- waiting ------------------------------------------------------------
-    @property
-    def seq(self) -> int:
-        """Changes whenever a message arrives or is settled."""
-        return self._seq
+    def snapshot(self, queues: Iterable[str]) -> Snapshot:
+        """The change counters a consumer compares against in :meth:`sleep`."""
+        arrivals = self._arrivals
+        return tuple((q, arrivals.get(q, 0)) for q in queues), self._settled, self._woken
 
-    def _bump(self) -> None:
-        self._seq += 1
-        self._cond.notify_all()
+    def sleep(self, snap: Snapshot, timeout: float | None, settles: bool) -> bool:
+        """Sleep until a watched queue gets a message (or a settle, when ``settles``).
+
+        Returns True when woken by :meth:`wake` rather than by traffic or the timeout.
+        """
+        queues, settled, woken = snap
+        arrivals = self._arrivals
+
+        def changed() -> bool:
+            return (
+                self._woken != woken
+                or (settles and self._settled != settled)
+                or any(arrivals.get(q, 0) != n for q, n in queues)
+            )
+
+        with self._cond:
+            watched = self._watched
+            for q, _ in queues:
+                watched[q] = watched.get(q, 0) + 1
+            self._settle_waiters += settles
+            try:
+                self._cond.wait_for(changed, timeout)
+            finally:
+                self._settle_waiters -= settles
+                for q, _ in queues:
+                    watched[q] -= 1
+                    if not watched[q]:
+                        del watched[q]
+            return self._woken != woken
 
     def wake(self) -> None:
         """Wake every waiter (used on shutdown)."""
         with self._cond:
-            self._bump()
-
-    def wait(self, seq: int, timeout: float | None) -> None:
-        """Block until :attr:`seq` differs from ``seq`` or ``timeout`` passes."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._seq != seq, timeout)
+            self._woken += 1
+            self._cond.notify_all()
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
-        """Block until ``predicate()`` holds (re-checked on every change)."""
+        """Block until ``predicate()`` holds, re-checked on every change of the lane."""
         with self._cond:
-            return self._cond.wait_for(predicate, timeout)
+            self._any_waiters += 1
+            try:
+                return self._cond.wait_for(predicate, timeout)
+            finally:
+                self._any_waiters -= 1
 
     def idle(self, queues: Iterable[str]) -> bool:
         """True when ``queues`` are empty and nothing delivered is unacked."""
@@ -307,7 +360,10 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         self.lane.declare(queue, transient=bool(kwargs.get("auto_delete")))
 
     def _get(self, queue: str, timeout: float | None = None) -> Message:
-        return self.lane.get(queue, track=queue not in self._no_ack_queues)
+        message = self.lane.pop(queue, track=queue not in self._no_ack_queues)
+        if message is None:
+            raise Empty()
+        return message
 
     def _put(self, queue: str, message: Message, **kwargs: Any) -> None:
         self.lane.put(queue, message)
@@ -336,10 +392,10 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             self.lane.restore(queue, raw, message.delivery_tag)
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
-        try:
-            message = self.Message(self.lane.get(queue, track=not no_ack), channel=self)
-        except Empty:
+        raw = self.lane.pop(queue, track=not no_ack)
+        if raw is None:
             return None
+        message = self.Message(raw, channel=self)
         if not no_ack:
             self.qos.append(message, message.delivery_tag)
         return message
@@ -399,25 +455,141 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         return {"hostname": None, "port": None}  # no server: nothing to default to
 
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:
-        # Instead of kombu's sleep-and-poll loop: sleep on the lane until something changes.
+        # Instead of kombu's sleep-and-poll loop (and its FairCycle raising Empty per
+        # empty queue): deliver what is ready, else sleep on the lane until a queue
+        # we can consume from gets a message.
         lane = self.lane
         deadline = None if timeout is None else monotonic() + timeout
         while True:
-            seq = lane.seq
-            try:
-                self.cycle.get(self._deliver, timeout=timeout)
+            watch: list[str] = []
+            blocked = False  # some consumer's prefetch window is full: acks matter too
+            for channel in self.channels:
+                if channel._consumers:
+                    if channel.qos.can_consume():
+                        watch.extend(channel._active_queues)
+                    else:
+                        blocked = True
+            snap = lane.snapshot(watch)
+            if self._deliver_ready():
                 return
-            except Empty:
-                pass
             remaining = None if deadline is None else deadline - monotonic()
             if self._closed or (remaining is not None and remaining <= 0):
                 raise TimeoutError()  # socket.timeout, as kombu's callers expect
-            lane.wait(seq, remaining)
+            if lane.sleep(snap, remaining, settles=blocked):
+                raise TimeoutError()  # wake(): let the consumer loop look at its state
+
+    def _deliver_ready(self, limit: int = 64) -> int:
+        """Deliver up to ``limit`` ready messages, round-robin over consumed queues."""
+        pop = self.lane.pop
+        callbacks = self._callbacks
+        delivered = 0
+        progress = True
+        while progress and delivered < limit:
+            progress = False
+            for channel in list(self.channels):
+                if not channel._consumers:
+                    continue
+                qos = channel.qos
+                no_ack = channel._no_ack_queues
+                for queue in list(channel._active_queues):
+                    if not qos.can_consume():
+                        break
+                    raw = pop(queue, queue not in no_ack)
+                    if raw is None:
+                        continue
+                    callback = callbacks.get(queue)
+                    if callback is None:
+                        self._deliver(raw, queue)
+                    else:
+                        callback(raw)
+                    delivered += 1
+                    progress = True
+        return delivered
 
     def close_connection(self, connection: Any) -> None:
         self._closed = True
         super().close_connection(connection)
         self.lane.wake()  # a consumer asleep in drain_events returns now, not at its timeout
+
+
+class LaneProducer(Producer):  # type: ignore[misc]
+    """kombu Producer for the local lane: no reconnect wrapper, cheap declare check.
+
+    Nothing on the lane is a recoverable connection error, so ``publish`` skips
+    kombu's ensure/retry closure; ``maybe_declare`` looks in the connection's
+    declaration cache before kombu binds a copy of the entity to look there.
+
+    Example::
+
+        LaneProducer(app.connection_for_write()).publish({"x": 1}, routing_key="q")
+    """
+
+    def publish(self, body: Any, *args: Any, retry: bool = False, **kwargs: Any) -> Any:
+        return super().publish(body, *args, retry=False, **kwargs)
+
+    def maybe_declare(self, entity: Any, retry: bool = False, **retry_policy: Any) -> Any:
+        declared = self.connection.declared_entities
+        if entity and entity.can_cache_declaration and hash(entity) in declared:
+            return False
+        return super().maybe_declare(entity, False)
+
+
+class LaneProducerPool:
+    """One long-lived :class:`LaneProducer` per publishing thread.
+
+    Replaces kombu's producer pool for local-lane apps: acquiring is a thread-local
+    lookup instead of a locked pool round trip that re-binds (copies) the
+    producer's exchange each time. Installed through :class:`LaneAMQP`.
+
+    Example::
+
+        with app.amqp.producer_pool.acquire() as producer:
+            producer.publish(...)
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.connections = app.pool  # Celery reads .connections.connection.transport
+        self.limit = app.pool.limit
+        self._local = threading.local()
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> LaneProducer:
+        producer: LaneProducer | None = getattr(self._local, "producer", None)
+        if producer is None:
+            producer = LaneProducer(self.app.connection_for_write())
+            producer.release = _keep  # it stays with this thread
+            self._local.producer = producer
+        return producer
+
+    def release(self, resource: Any) -> None:
+        pass
+
+    def force_close_all(self) -> None:
+        self._local = threading.local()
+
+
+def _keep() -> None:
+    pass
+
+
+class LaneAMQP(AMQP):  # type: ignore[misc]
+    """Celery's AMQP helper, with :class:`LaneProducerPool` for local-lane apps.
+
+    ``install(app)`` selects it (``app.amqp_cls``) when the app still uses the
+    stock class and has not built ``app.amqp`` yet; other brokers are unaffected.
+
+    Example::
+
+        Celery("x", broker="local://", amqp="celery_ext.local:LaneAMQP")
+    """
+
+    @property
+    def producer_pool(self) -> Any:
+        if self.__dict__.get("_producer_pool") is None and is_local(self.app):
+            self._producer_pool = LaneProducerPool(self.app)
+        return super().producer_pool
+
+    publisher_pool = producer_pool
 
 
 def is_local(app: Celery) -> bool:
@@ -473,23 +645,75 @@ class DrainReport:
     waited_s: float = 0.0
 
 
-class ThreadPool(ThreadTaskPool):  # type: ignore[misc]
-    """Celery's threads pool whose threads see the worker's app as ``current_app``.
+class ThreadPool(BasePool):  # type: ignore[misc]
+    """A threads pool for the embedded worker: N plain threads on one job queue.
 
-    Stock threads fall back to the process default app, which in a process
-    holding several apps is not the one the embedded worker runs.
+    Unlike Celery's threads pool it creates no Future per task, its threads see
+    the worker's app as ``current_app`` (stock threads fall back to the process
+    default app), and stopping it waits at most ``join_timeout_s`` for running
+    tasks (threads cannot be interrupted; stragglers are reported, not killed).
 
     Example::
 
         LocalWorker(app, pool="threads")   # uses this class
     """
 
+    body_can_be_buffer = True
+    signal_safe = False
+    join_timeout_s: float | None = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        app = self.app
-        self.executor = ThreadPoolExecutor(
-            max_workers=self.limit, initializer=app.set_current if app is not None else None
-        )
+        self._jobs: SimpleQueue[tuple[Any, ...] | None] = SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def on_start(self) -> None:
+        for i in range(self.limit):
+            thread = threading.Thread(target=self._work, name=f"celery_ext-pool-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _work(self) -> None:
+        if self.app is not None:
+            self.app.set_current()
+        get = self._jobs.get
+        while (job := get()) is not None:
+            apply_target(*job)
+
+    def on_apply(
+        self,
+        target: Callable[..., Any],
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        callback: Callable[..., Any] | None = None,
+        accept_callback: Callable[..., Any] | None = None,
+        **_: Any,
+    ) -> None:
+        self._jobs.put((target, args, kwargs, callback, accept_callback))
+
+    def on_stop(self) -> None:
+        # Jobs not started yet are dropped (their messages are unacked and go back
+        # to the lane when the consumer's channel closes).
+        while True:
+            try:
+                self._jobs.get_nowait()
+            except Empty:
+                break
+        for _ in self._threads:
+            self._jobs.put(None)
+        deadline = None if self.join_timeout_s is None else monotonic() + self.join_timeout_s
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - monotonic()))
+        super().on_stop()
+
+    def alive_threads(self) -> int:
+        """Pool threads still running (a task that outlived the stop deadline)."""
+        return sum(t.is_alive() for t in self._threads)
+
+    def _get_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = super()._get_info()
+        info.update({"max-concurrency": self.limit, "threads": len(self._threads)})
+        return info
 
 
 class WakeableTimer(timer2.Timer):  # type: ignore[misc]
@@ -695,10 +919,16 @@ class LocalWorker:
         queues = self.consumed_queues()
         lane = self.lane
         drained = self._wait(lambda: self._idle(queues) or self._dead(), timeout)
+        grace = max(0.0, timeout - (monotonic() - start)) + STOP_GRACE_S
+        pool = getattr(self._controller, "pool", None)
+        if isinstance(pool, ThreadPool):
+            pool.join_timeout_s = grace
         self._controller.stop(in_sighandler=False)
         lane.wake()
-        self._thread.join(max(0.0, timeout - (monotonic() - start)) + 1.0)
-        still_running = self._thread.is_alive()
+        self._thread.join(grace)
+        still_running = self._thread.is_alive() or (
+            isinstance(pool, ThreadPool) and pool.alive_threads() > 0
+        )
         self._disconnect()
         dropped_ids: list[str] = []
         for queue in queues:

@@ -277,3 +277,26 @@ def test_remote_control_and_inspect_stats_work_over_the_lane() -> None:
         stats = inspect.stats()
         assert stats is not None and worker.hostname in stats
         assert "Lanes" in stats[worker.hostname]["broker"]["transport_options"]["celery_ext_lanes"]
+
+
+def test_publishing_from_many_threads_loses_nothing() -> None:
+    app = new_app()
+    seen: list[int] = []
+
+    @app.task(shared=False)
+    def record(i: int) -> None:
+        seen.append(i)
+
+    def publish(start: int) -> None:
+        for i in range(start, start + 200):
+            record.delay(i)
+
+    with LocalWorker(app, concurrency=4) as worker:
+        threads = [threading.Thread(target=publish, args=(n * 200,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        worker.join(timeout=30)
+    assert sorted(seen) == list(range(800))
+    assert type(app.amqp).__name__ == "LaneAMQP"
