@@ -826,6 +826,12 @@ class LocalWorker:
         drain_timeout: float | None = None,
         **worker_options: Any,
     ) -> None:
+        if pool not in ("threads", "solo"):
+            raise ImproperlyConfigured(
+                f"LocalWorker runs the 'threads' or 'solo' pool, not {pool!r}: prefork "
+                "children cannot reach this process's memory, and green pools belong in a "
+                "monkeypatched `celery worker -P gevent` process"
+            )
         self.app = app
         self.lane = lane_of(app)
         settings = settings_of(app)
@@ -860,8 +866,7 @@ class LocalWorker:
         options = dict(self._options)
         if options["pool"] == "threads":
             options["pool"] = ThreadPool
-        if options["pool"] in (ThreadPool, "solo"):
-            options.setdefault("timer_cls", WakeableTimer)
+        options.setdefault("timer_cls", WakeableTimer)
         if self.queues:
             options["queues"] = self.queues
         controller_cls, consumer_cls = _embedded_classes(app, self._ready)
