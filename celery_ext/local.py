@@ -443,7 +443,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
                 "local:// has no lane for this connection: call celery_ext.install(app) "
                 "before connecting (or pass transport_options={'celery_ext_lanes': Lanes(...)})"
             )
-        self.lane = lanes.get(client.virtual_host.strip("/") if client.virtual_host else "")
+        self.lane = lanes.get(lane_name(client.hostname, client.virtual_host))
         self.state = self.lane.broker_state
         self._closed = False
 
@@ -590,6 +590,17 @@ class LaneAMQP(AMQP):  # type: ignore[misc]
         return super().producer_pool
 
     publisher_pool = producer_pool
+
+
+def lane_name(hostname: str | None, virtual_host: str | None) -> str:
+    """The lane a ``local://host/vhost`` URL names (``""`` for plain ``local://``).
+
+    Example::
+
+        lane_name("shop", "/")   # 'shop'
+    """
+    vhost = (virtual_host or "").strip("/")
+    return "/".join(part for part in (hostname or "", vhost) if part)
 
 
 def is_local(app: Celery) -> bool:

@@ -92,3 +92,15 @@ def test_public_names_are_exported() -> None:
         assert getattr(celery_ext, name) is not None
         if name != "__version__":
             assert getattr(celery_ext, name).__doc__, f"{name} has no docstring"
+
+
+def test_each_local_url_is_its_own_lane() -> None:
+    app = Celery("urls", broker="local://", set_as_current=False)
+    celery_ext.install(app)
+    names = []
+    for url in ("local://", "local://other", "local://other/vh", "local://other"):
+        with app.connection_for_write(url) as conn:
+            names.append(conn.transport.lane.name)
+    assert names == ["", "other", "other/vh", "other"]
+    lanes = Lanes.of(app)
+    assert lanes.get("other") is not lanes.get("")
