@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import socket
@@ -120,6 +121,9 @@ class Lane:
         self._settle_waiters = 0  # consumers whose prefetch window is full
         self._any_waiters = 0  # join()/stop(): every change matters
         self._room_waiters = 0  # producers blocked on a full queue
+        # Parked (delayed) messages: a heap of (due, seq, queue, message).
+        self._parked: list[tuple[float, int, str, Message]] = []
+        self._parked_per_queue: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<Lane local://{self.name} queues={len(self._queues)} unacked={len(self._unacked)}>"
@@ -197,6 +201,9 @@ class Lane:
 
     def pop(self, queue: str, track: bool) -> Message | None:
         """The next message of ``queue``, or None; ``track`` it as unacked."""
+        parked = self._parked
+        if parked and parked[0][0] <= monotonic():
+            self._release_due()
         q = self._queues.get(queue)
         if not q:
             return None
@@ -218,6 +225,58 @@ class Lane:
                 self._settled += 1
                 if self._settle_waiters or self._any_waiters:
                     self._cond.notify_all()
+
+    # -- parking (delayed messages) -------------------------------------------
+    def park(self, queue: str, message: Message, delay_s: float) -> float:
+        """Hold ``message`` back for ``delay_s`` seconds, then append it to ``queue``.
+
+        Bounded like the queues: at most ``max_queued`` parked messages per
+        queue, else :class:`~celery_ext.errors.QueueFull`. Returns the due time
+        on the :func:`time.monotonic` clock.
+
+        Example::
+
+            lane.park("celery", raw, delay_s=30)
+        """
+        with self._cond:
+            held = self._parked_per_queue.get(queue, 0)
+            if held >= self.max_queued:
+                raise QueueFull(queue, self.max_queued, held)
+            due = monotonic() + max(0.0, delay_s)
+            heapq.heappush(self._parked, (due, next(self._tags), queue, message))
+            self._parked_per_queue[queue] = held + 1
+            self._cond.notify_all()  # sleepers recompute how long to sleep
+            return due
+
+    def parked(self, queue: str) -> int:
+        """Messages parked for ``queue``."""
+        return self._parked_per_queue.get(queue, 0)
+
+    def next_due(self) -> float | None:
+        """Monotonic due time of the earliest parked message, or None."""
+        parked = self._parked
+        return parked[0][0] if parked else None
+
+    def unpark(self, queue: str) -> list[Message]:
+        """Remove and return every message parked for ``queue``."""
+        with self._cond:
+            mine = [entry for entry in self._parked if entry[2] == queue]
+            if mine:
+                self._parked = [entry for entry in self._parked if entry[2] != queue]
+                heapq.heapify(self._parked)
+                self._parked_per_queue[queue] = 0
+                self._cond.notify_all()
+            return [entry[3] for entry in sorted(mine)]
+
+    def _release_due(self) -> None:
+        with self._cond:
+            now = monotonic()
+            parked = self._parked
+            while parked and parked[0][0] <= now:
+                _, _, queue, message = heapq.heappop(parked)
+                self._parked_per_queue[queue] -= 1
+                self._queues.setdefault(queue, deque()).append(message)
+                self._arrived(queue)
 
     def purge(self, queue: str) -> int:
         with self._cond:
@@ -255,6 +314,10 @@ class Lane:
                 or any(arrivals.get(q, 0) != n for q, n in queues)
             )
 
+        due = self.next_due()
+        if due is not None:
+            until_due = max(0.0, due - monotonic())
+            timeout = until_due if timeout is None else min(timeout, until_due)
         with self._cond:
             watched = self._watched
             for q, _ in queues:
@@ -286,8 +349,10 @@ class Lane:
                 self._any_waiters -= 1
 
     def idle(self, queues: Iterable[str]) -> bool:
-        """True when ``queues`` are empty and nothing delivered is unacked."""
-        return not self._unacked and all(not self._queues.get(q) for q in queues)
+        """True when ``queues`` are empty, none has parked messages, nothing is unacked."""
+        return not self._unacked and all(
+            not self._queues.get(q) and not self._parked_per_queue.get(q) for q in queues
+        )
 
 
 class Lanes:
@@ -949,6 +1014,10 @@ class LocalWorker:
         dropped_ids: list[str] = []
         for queue in queues:
             dropped_ids.extend(self._drop(queue))
+            dropped_ids.extend(
+                str(raw.get("headers", {}).get("id") or raw["properties"]["delivery_tag"])
+                for raw in lane.unpark(queue)
+            )
         report = DrainReport(
             drained=drained and not dropped_ids,
             dropped=len(dropped_ids),

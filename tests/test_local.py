@@ -300,3 +300,43 @@ def test_publishing_from_many_threads_loses_nothing() -> None:
         worker.join(timeout=30)
     assert sorted(seen) == list(range(800))
     assert type(app.amqp).__name__ == "LaneAMQP"
+
+
+def test_parked_messages_run_when_due_in_due_order() -> None:
+    app = new_app()
+    lane = lane_of(app)
+    ran: list[str] = []
+    started: dict[str, float] = {}
+    due: dict[str, float] = {}
+
+    @app.task(shared=False, name="park.local")
+    def record(tag: str) -> None:
+        started[tag] = time.monotonic()
+        ran.append(tag)
+
+    with LocalWorker(app) as worker:
+        for tag, delay in (("late", 0.4), ("soon", 0.1), ("never", 60.0)):
+            with app.connection_for_write() as conn:
+                channel = conn.default_channel
+                channel.queue_declare("parking-lot")
+                record.apply_async((tag,), queue="parking-lot")
+                message = channel.basic_get("parking-lot", no_ack=True)
+            due[tag] = lane.park("celery", message.serializable(), delay_s=delay)
+        assert lane.parked("celery") == 3
+        with pytest.raises(TimeoutError):
+            worker.join(timeout=1.5)  # "never" is still parked: the lane is not idle
+        assert ran == ["soon", "late"], ran
+        assert all(started[tag] >= due[tag] for tag in ran), (started, due)
+        report = worker.stop(timeout=0.1)
+    assert report.dropped == 1 and lane.parked("celery") == 0
+
+
+def test_parking_is_bounded_like_the_queues() -> None:
+    app = new_app(lane_max_queued=2)
+    lane = lane_of(app)
+    raw = {"body": "x", "properties": {"delivery_tag": 1}, "headers": {}}
+    lane.park("q", raw, 10)
+    lane.park("q", raw, 10)
+    with pytest.raises(QueueFull) as info:
+        lane.park("q", raw, 10)
+    assert (info.value.queue, info.value.limit) == ("q", 2)
