@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import typing
 
+import click
 import kombu.transport
 
-from . import _settings, local
+from . import _settings, backpressure, bounds, local
 from ._settings import Settings, settings_of
 from .errors import CeleryExtError, ConfigurationError, LaneNotInstalled, QueueFull
 from .local import DrainReport, LocalWorker
@@ -77,7 +78,17 @@ def install(app: Celery, **overrides: Any) -> Settings:
     options[local.LANES_OPTION] = local.Lanes(settings)
     app.conf.broker_transport_options = options
     app.steps["worker"].add(local.LaneGuard)
+    app.steps["consumer"].add(backpressure.Backpressure)
+    app.user_options["worker"].add(
+        click.Option(
+            ["--prefetch-limit"],
+            type=click.IntRange(min=1),
+            default=None,
+            help="celery_ext: most messages this worker holds at once (ready + ETA).",
+        )
+    )
     if app.amqp_cls == _STOCK_AMQP and "amqp" not in app.__dict__:
         app.amqp_cls = "celery_ext.local:LaneAMQP"  # a faster publish path on local://
+    bounds.setup(app, settings)
     _settings.remember(app, settings)
     return settings

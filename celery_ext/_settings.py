@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ __all__ = ["PREFIX", "Settings", "settings_of"]
 PREFIX = "celery_ext_"
 
 FullPolicy = Literal["block", "raise"]
+QueuePolicy = Literal["block", "raise", "shed"]
 _POLICIES: tuple[str, ...] = ("block", "raise")
 
 
@@ -62,11 +63,39 @@ def _policy(key: str, value: object) -> str:
     return str(value)
 
 
+def _queue_policy(key: str, value: object) -> str:
+    if value not in _QUEUE_POLICIES:
+        raise ConfigurationError(
+            f"{PREFIX}{key}={value!r}: expected one of {', '.join(map(repr, _QUEUE_POLICIES))}"
+        )
+    return str(value)
+
+
+def _queue_limits(key: str, value: object) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{PREFIX}{key}={value!r}: expected a mapping queue name -> int")
+    limits: dict[str, int] = {}
+    for queue, limit in value.items():
+        if not isinstance(queue, str):
+            raise ConfigurationError(f"{PREFIX}{key}={value!r}: queue names must be strings")
+        limits[queue] = _positive_int(f"{key}[{queue!r}]", limit)
+    return limits
+
+
+_QUEUE_POLICIES: tuple[str, ...] = ("block", "raise", "shed")
+
 _CHECKS = {
     "lane_max_queued": _positive_int,
     "lane_full_policy": _policy,
     "lane_block_timeout": _duration,
     "drain_timeout": _duration,
+    "prefetch_limit": _positive_int,
+    "eta_buffer": _positive_int,
+    "eta_horizon": _duration,
+    "park_interval": _duration,
+    "queue_limits": _queue_limits,
+    "queue_full_policy": _queue_policy,
+    "queue_block_timeout": _duration,
 }
 
 
@@ -82,6 +111,15 @@ class Settings:
     - ``lane_block_timeout``: seconds a blocked publish waits for room.
     - ``drain_timeout``: seconds an embedded worker's ``stop()`` waits for queued
       and running work before giving up and reporting what was dropped.
+    - ``prefetch_limit``: messages one worker holds at once (ready, reserved and
+      ETA-waiting); the broker QoS never exceeds it (nor 65,535).
+    - ``eta_buffer``: slots of ``prefetch_limit`` for ETA/countdown tasks due
+      soon; the rest stay free for ready work.
+    - ``eta_horizon``: seconds; an ETA further away is parked on the broker.
+    - ``park_interval``: seconds between two runs of a worker's parking mover.
+    - ``queue_limits``: ``{queue: max messages}`` enforced when publishing.
+    - ``queue_full_policy``: ``"block"``, ``"raise"`` or ``"shed"`` at that bound.
+    - ``queue_block_timeout``: seconds a blocked publish waits for room.
 
     Example::
 
@@ -92,6 +130,20 @@ class Settings:
     lane_full_policy: FullPolicy = "block"
     lane_block_timeout: float = 1.0
     drain_timeout: float = 30.0
+    prefetch_limit: int = 1000
+    eta_buffer: int = 100
+    eta_horizon: float = 300.0
+    park_interval: float = 0.5
+    queue_limits: Mapping[str, int] = field(default_factory=dict)
+    queue_full_policy: QueuePolicy = "raise"
+    queue_block_timeout: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.eta_buffer >= self.prefetch_limit:
+            raise ConfigurationError(
+                f"{PREFIX}eta_buffer={self.eta_buffer!r} must be smaller than "
+                f"{PREFIX}prefetch_limit={self.prefetch_limit!r}: ready work needs slots too"
+            )
 
     @classmethod
     def names(cls) -> list[str]:

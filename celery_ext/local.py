@@ -348,11 +348,19 @@ class Lane:
             finally:
                 self._any_waiters -= 1
 
-    def idle(self, queues: Iterable[str]) -> bool:
-        """True when ``queues`` are empty, none has parked messages, nothing is unacked."""
-        return not self._unacked and all(
-            not self._queues.get(q) and not self._parked_per_queue.get(q) for q in queues
-        )
+    def idle(self, queues: Iterable[str], due_before: float | None = None) -> bool:
+        """True when ``queues`` are empty, have nothing parked and nothing is unacked.
+
+        With ``due_before`` (monotonic), parked messages due later do not count,
+        nor do unacked ones (a worker holds those for their ETA; the caller asks
+        the worker whether it is running anything).
+        """
+        wanted = set(queues)
+        if (self._unacked and due_before is None) or any(self._queues.get(q) for q in wanted):
+            return False
+        if due_before is None:
+            return not any(self._parked_per_queue.get(q) for q in wanted)
+        return not any(e[0] <= due_before and e[2] in wanted for e in list(self._parked))
 
 
 class Lanes:
@@ -850,7 +858,9 @@ class _LateStrategies(dict[str, Any]):
         if task is None:
             raise KeyError(name)
         app = consumer.app
-        strategy = self[name] = task.start_strategy(app, consumer)
+        strategy = task.start_strategy(app, consumer)
+        wrap = getattr(consumer, "celery_ext_wrap_strategy", None)
+        strategy = self[name] = wrap(strategy) if wrap is not None else strategy
         task.__trace__ = build_tracer(name, task, app.loader, consumer.hostname, app=app)
         return strategy
 
@@ -999,7 +1009,8 @@ class LocalWorker:
         start = monotonic()
         queues = self.consumed_queues()
         lane = self.lane
-        drained = self._wait(lambda: self._idle(queues) or self._dead(), timeout)
+        deadline = start + timeout  # parked messages due later cannot run before it anyway
+        drained = self._wait(lambda: self._idle(queues, deadline) or self._dead(), timeout)
         grace = max(0.0, timeout - (monotonic() - start)) + STOP_GRACE_S
         pool = getattr(self._controller, "pool", None)
         if isinstance(pool, ThreadPool):
@@ -1035,10 +1046,10 @@ class LocalWorker:
         self._thread = None
         return report
 
-    def _idle(self, queues: list[str]) -> bool:
+    def _idle(self, queues: list[str], due_before: float | None = None) -> bool:
         """Nothing queued, unacked, reserved or running for this app."""
         app = self.app
-        if not self.lane.idle(queues):
+        if not self.lane.idle(queues, due_before):
             return False
         # Early-acked tasks are settled on the lane while they still run: ask the worker.
         for requests in (worker_state.active_requests, worker_state.reserved_requests):

@@ -1,0 +1,222 @@
+"""Bounded prefetch: a worker never holds more than ``prefetch_limit`` messages.
+
+Stock Celery pulls every ETA/countdown message into the worker and raises the
+broker QoS by one for each (past 65,535 kombu turns it into 0 = unlimited);
+with ``worker_eta_task_limit`` the far-future ones fill the window and ready
+work starves. The :class:`Backpressure` consumer step splits the window:
+
+- **ready work** gets ``prefetch_limit - eta_buffer`` slots at most (stock
+  ``concurrency x multiplier`` when smaller; ``-P solo`` counts as one process);
+- **ETA messages due soon** (within ``eta_horizon``) are held as stock Celery
+  holds them, in at most ``eta_buffer`` slots;
+- **every other ETA message is parked** on the broker (Redis sorted set, local
+  lane heap; see :mod:`celery_ext.delays`), then acked, and comes back to its
+  queue when due. On Redis the horizon is also kept below the transport's
+  ``visibility_timeout``, so a long ETA is never redelivered while it waits.
+
+The QoS therefore never exceeds ``prefetch_limit`` (nor 65,535). Brokers with
+no parking store (RabbitMQ for now) hold ETA messages as stock does, within the
+same cap. Counts are reported by ``info()`` under ``celery_ext`` in
+``celery inspect stats`` (and so in Flower).
+
+Example::
+
+    celery -A shop worker --prefetch-limit 200
+    # or app.conf.celery_ext_prefetch_limit = 200 before celery_ext.install(app)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from time import time
+from typing import Any
+
+from celery import bootsteps
+from celery.utils.time import maybe_make_aware
+from celery.worker import state as worker_state
+
+from ._settings import settings_of
+from .delays import RedisParking
+
+__all__ = ["Backpressure", "eta_delay"]
+
+logger = logging.getLogger(__name__)
+
+#: kombu turns a larger prefetch count into 0, which means unlimited.
+QOS_MAX = 65_535
+
+
+def eta_delay(eta: str, tz: Any = None, now: float | None = None) -> float:
+    """Seconds from ``now`` until the ISO-8601 ``eta`` of a task message.
+
+    Example::
+
+        eta_delay("2030-01-01T00:00:00+00:00") > 0   # True
+    """
+    due: datetime = maybe_make_aware(datetime.fromisoformat(eta), tz)
+    return due.timestamp() - (time() if now is None else now)
+
+
+class _LaneParking:
+    """Parks on the local lane's own heap (its consumers release due messages)."""
+
+    def __init__(self, lane: Any) -> None:
+        self.lane = lane
+
+    def park(self, queue: str, raw: dict[str, Any], delay_s: float) -> float:
+        return float(self.lane.park(queue, raw, delay_s))
+
+    def move_due(self, limit: int = 1000) -> int:
+        return 0
+
+
+def _parking_for(connection: Any) -> Any:
+    driver = connection.transport.driver_type
+    if driver == "redis":
+        return RedisParking(connection.default_channel)
+    if driver == "local":
+        return _LaneParking(connection.transport.lane)
+    return None
+
+
+class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step capping held messages and parking far-future ETA tasks.
+
+    ``celery_ext.install(app)`` adds it and the ``--prefetch-limit`` worker
+    option, which overrides the ``celery_ext_prefetch_limit`` setting.
+
+    Example::
+
+        app.control.inspect().stats()[worker]["celery_ext"]["prefetch_limit"]
+    """
+
+    name = "celery_ext.backpressure.Backpressure"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, prefetch_limit: int | None = None, **kwargs: Any) -> None:
+        settings = settings_of(c.app)
+        limit = min(prefetch_limit or settings.prefetch_limit, QOS_MAX)
+        self.prefetch_limit = limit
+        self.eta_buffer = min(settings.eta_buffer, limit - 1) if limit > 1 else 0
+        stock = c.initial_prefetch_count or limit
+        if _is_solo(c.pool):
+            stock = max(1, c.prefetch_multiplier)  # one process, not one per CPU
+        self.ready_window = max(1, min(stock, limit - self.eta_buffer))
+        self.eta_horizon_s = settings.eta_horizon
+        self.park_interval_s = settings.park_interval
+        self.parked = 0
+        self.park_errors = 0
+        self.store: Any = None
+        self._timer_entry: Any = None
+        c.initial_prefetch_count = self.ready_window
+        super().__init__(c, **kwargs)
+
+    def start(self, c: Any) -> None:
+        # Runs after Tasks.start on every (re)connect: reapply the cap to the new QoS.
+        self.store = _parking_for(c.connection)
+        c.initial_prefetch_count = min(c.initial_prefetch_count, self.ready_window)
+        # Without a parking store ETA messages must stay in the worker: cap only
+        # where kombu would turn the count into "unlimited".
+        cap = self.ready_window + self.eta_buffer if self.store is not None else QOS_MAX
+        c.qos.max_prefetch = cap
+        if c.qos.value > cap:
+            c.qos.value = cap
+            c.qos.update()
+        if self.store is not None and c.connection.transport.driver_type == "redis":
+            visibility = float(c.connection.transport_options.get("visibility_timeout", 3600))
+            self.eta_horizon_s = min(self.eta_horizon_s, visibility - max(1.0, 0.1 * visibility))
+        for name, strategy in list(c.strategies.items()):
+            c.strategies[name] = self.wrap(c, strategy)
+        c.celery_ext_wrap_strategy = lambda strategy: self.wrap(c, strategy)
+        if isinstance(self.store, RedisParking) and self._timer_entry is None:
+            self._timer_entry = c.timer.call_repeatedly(self.park_interval_s, self._move_due)
+
+    def stop(self, c: Any) -> None:
+        if self._timer_entry is not None:
+            self._timer_entry.cancel()
+            self._timer_entry = None
+
+    shutdown = stop
+
+    def _move_due(self) -> None:
+        try:
+            self.store.move_due()
+        except Exception:  # a broker hiccup must not kill the worker's timer
+            logger.warning("celery_ext: moving parked messages failed", exc_info=True)
+
+    # -- the ETA decision ---------------------------------------------------
+    def wrap(self, c: Any, strategy: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap a task strategy so far-future ETA messages are parked, not held."""
+        if getattr(strategy, "celery_ext_wrapped", False):
+            return strategy
+
+        def handler(
+            message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any
+        ) -> Any:
+            if self._maybe_park(c, message):
+                return None
+            return strategy(message, body, ack, reject, callbacks, **kw)
+
+        handler.celery_ext_wrapped = True  # type: ignore[attr-defined]
+        return handler
+
+    def eta_held(self, c: Any) -> int:
+        """ETA messages this worker holds (stock raises the QoS by one for each)."""
+        return max(0, int(c.qos.value) - int(c.initial_prefetch_count))
+
+    def _maybe_park(self, c: Any, message: Any) -> bool:
+        eta = (message.headers or {}).get("eta")
+        if not eta or self.store is None:
+            return False
+        try:
+            delay = eta_delay(eta, c.app.timezone)
+        except ValueError:
+            return False  # let Celery report the malformed ETA as it always has
+        if delay <= 0 or (delay <= self.eta_horizon_s and self.eta_held(c) < self.eta_buffer):
+            return False
+        try:
+            self.store.park(_queue_of(c, message), message.serializable(), delay)
+        except Exception:
+            self.park_errors += 1
+            logger.warning("celery_ext: could not park %s; holding it", message.headers.get("id"))
+            return False
+        message.ack()
+        self.parked += 1
+        return True
+
+    def info(self, c: Any) -> dict[str, Any]:
+        qos = getattr(c, "qos", None)
+        eta_held = self.eta_held(c) if qos is not None else 0
+        return {
+            "celery_ext": {
+                "prefetch_limit": self.prefetch_limit,
+                "ready_window": self.ready_window,
+                "eta_buffer": self.eta_buffer,
+                "eta_horizon_s": self.eta_horizon_s,
+                "qos": int(qos.value) if qos is not None else None,
+                "held": len(worker_state.reserved_requests) + eta_held,
+                "eta_held": eta_held,
+                "parked_total": self.parked,
+                "park_errors": self.park_errors,
+            }
+        }
+
+
+def _is_solo(pool: Any) -> bool:
+    return type(pool).__module__ == "celery.concurrency.solo" if pool is not None else False
+
+
+def _queue_of(c: Any, message: Any) -> str:
+    """The consumed queue a message came from (by routing key and exchange)."""
+    info = message.delivery_info or {}
+    routing_key, exchange = info.get("routing_key"), info.get("exchange")
+    queues = list(getattr(c.task_consumer, "queues", []) or [])
+    for queue in queues:
+        if queue.name == routing_key:
+            return str(queue.name)
+    for queue in queues:
+        if queue.routing_key == routing_key and getattr(queue.exchange, "name", "") == exchange:
+            return str(queue.name)
+    return str(routing_key)

@@ -1,0 +1,187 @@
+"""Bounded prefetch on real workers: ETA floods do not starve ready work, the cap holds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+import celery_ext
+from celery_ext import LocalWorker
+
+
+def wait_for(check: Callable[[], object], timeout: float = 20.0, every: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(every)
+
+
+@pytest.fixture(params=["local", "redis"])
+def app(request: pytest.FixtureRequest, unique_queue: str) -> Iterator[Celery]:
+    url = "local://" if request.param == "local" else request.getfixturevalue("redis_url")
+    app = Celery(f"bp_{uuid.uuid4().hex[:6]}", broker=url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=unique_queue,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=False,
+    )
+    yield app
+    if request.param == "redis":
+        with app.connection_for_write() as conn:
+            client = conn.default_channel.client
+            client.delete(unique_queue, f"celery_ext.parked:{unique_queue}")
+            client.hdel("celery_ext.parked", f"celery_ext.parked:{unique_queue}")
+
+
+@contextmanager
+def worker(app: Celery, **options: Any) -> Iterator[Any]:
+    if app.conf.broker_url.startswith("local://"):
+        queues = [app.conf.task_default_queue]
+        with LocalWorker(app, concurrency=2, queues=queues, drain_timeout=1, **options) as w:
+            yield w
+    else:
+        with start_worker(
+            app,
+            pool=options.pop("pool", "threads"),
+            concurrency=2,
+            perform_ping_check=False,
+            queues=[app.conf.task_default_queue],
+            **options,
+        ) as w:
+            yield w
+
+
+def stats(app: Celery, hostname: str) -> dict[str, Any]:
+    reply = app.control.inspect(destination=[hostname], timeout=5).stats()
+    assert reply and hostname in reply, reply
+    info: dict[str, Any] = reply[hostname]["celery_ext"]
+    return info
+
+
+def test_ready_tasks_run_while_thousands_of_far_eta_tasks_wait(app: Celery) -> None:
+    celery_ext.install(app, prefetch_limit=50, eta_buffer=10)
+    ran: list[str] = []
+
+    @app.task(shared=False, name="bp.record")
+    def record(tag: str) -> None:
+        ran.append(tag)
+
+    for i in range(2000):
+        record.apply_async((f"eta{i}",), countdown=3600)
+    for i in range(20):
+        record.delay(f"ready{i}")
+    with worker(app) as w:
+        wait_for(lambda: len([t for t in ran if t.startswith("ready")]) == 20)
+        info = stats(app, w.hostname)
+        assert info["qos"] <= 50 and info["held"] <= 50, info
+        wait_for(lambda: stats(app, w.hostname)["parked_total"] >= 1990)
+    assert not [t for t in ran if t.startswith("eta")]
+
+
+def test_parked_tasks_run_when_due(app: Celery) -> None:
+    celery_ext.install(app, eta_horizon=0.2, park_interval=0.1)
+    started: dict[int, float] = {}
+
+    @app.task(shared=False, name="bp.stamp")
+    def stamp(i: int) -> None:
+        started[i] = time.time()
+
+    with worker(app) as w:
+        due = {i: time.time() + 1.0 + i * 0.5 for i in range(3)}
+        for i in range(3):
+            stamp.apply_async((i,), countdown=1.0 + i * 0.5)
+        wait_for(lambda: len(started) == 3, timeout=15)
+        assert stats(app, w.hostname)["parked_total"] == 3
+    for i, at in started.items():
+        assert at >= due[i] - 0.05, (i, at, due[i])
+        assert at - due[i] < 3.0, (i, at - due[i])  # within the mover's tick, loosely
+
+
+def test_the_qos_never_exceeds_the_cap_under_an_eta_and_ready_mix(app: Celery) -> None:
+    celery_ext.install(app, prefetch_limit=20, eta_buffer=5)
+    gate = threading.Event()
+    ran: list[int] = []
+
+    @app.task(shared=False, name="bp.slow")
+    def slow(i: int) -> None:
+        gate.wait(10)
+        ran.append(i)
+
+    for i in range(100):
+        slow.apply_async((i,), countdown=5 + i % 50)
+    for i in range(100, 160):
+        slow.delay(i)
+    with worker(app) as w:
+        seen = []
+        for _ in range(10):
+            info = stats(app, w.hostname)
+            seen.append((info["qos"], info["held"]))
+            assert info["qos"] <= 20 and info["held"] <= 20, info
+        gate.set()
+        wait_for(lambda: len([i for i in ran if i >= 100]) == 60)
+    assert seen
+
+
+def test_solo_prefetches_one_process_worth(unique_queue: str) -> None:
+    app = Celery(f"solo_{uuid.uuid4().hex[:6]}", broker="local://", set_as_current=False)
+    app.conf.update(task_default_queue=unique_queue, worker_prefetch_multiplier=3)
+    celery_ext.install(app)
+    with LocalWorker(app, pool="solo", concurrency=8) as w:
+        info = stats(app, w.hostname)
+    assert info["ready_window"] == 3, info
+    assert info["prefetch_limit"] == 1000 and info["eta_buffer"] == 100
+
+
+def test_a_long_eta_on_redis_with_a_short_visibility_timeout_runs_once(
+    redis_url: str, unique_queue: str
+) -> None:
+    app = Celery(f"vt_{uuid.uuid4().hex[:6]}", broker=redis_url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=unique_queue,
+        worker_hijack_root_logger=False,
+        broker_transport_options={"visibility_timeout": 2},
+    )
+    celery_ext.install(app, park_interval=0.1)
+    runs: list[float] = []
+
+    @app.task(shared=False, name="vt.once")
+    def once() -> None:
+        runs.append(time.time())
+
+    with worker(app) as w:
+        once.apply_async(countdown=4)
+        wait_for(lambda: runs, timeout=20)
+        time.sleep(3)  # observation window for a duplicate delivery, not synchronisation
+        assert stats(app, w.hostname)["parked_total"] == 1
+    assert len(runs) == 1
+
+
+def test_prefetch_limit_cli_option_reaches_the_worker(redis_url: str, unique_queue: str) -> None:
+    hostname = f"cli-{uuid.uuid4().hex[:6]}@localhost"
+    env = dict(os.environ, CELERY_EXT_TEST_BROKER=redis_url, CELERY_EXT_TEST_QUEUE=unique_queue)
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "tests.apps.cli_app", "worker",
+        "-P", "threads", "-c", "2", "-n", hostname, "--prefetch-limit", "7",
+        "-Q", unique_queue, "--without-mingle", "--without-gossip", "-l", "WARNING",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).parent.parent)
+    try:
+        app = Celery("probe", broker=redis_url, set_as_current=False)
+        wait_for(lambda: app.control.ping(destination=[hostname], timeout=0.5), timeout=30)
+        info = app.control.inspect(destination=[hostname], timeout=5).stats()[hostname]
+        assert info["celery_ext"]["prefetch_limit"] == 7
+    finally:
+        proc.terminate()
+        proc.wait(30)
