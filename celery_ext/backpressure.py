@@ -9,15 +9,17 @@ work starves. The :class:`Backpressure` consumer step splits the window:
   ``concurrency x multiplier`` when smaller; ``-P solo`` counts as one process);
 - **ETA messages due soon** (within ``eta_horizon``) are held as stock Celery
   holds them, in at most ``eta_buffer`` slots;
-- **every other ETA message is parked** on the broker (Redis sorted set, local
-  lane heap; see :mod:`celery_ext.delays`), then acked, and comes back to its
-  queue when due. On Redis the horizon is also kept below the transport's
+- **every other ETA message is parked** on the broker (Redis sorted set,
+  RabbitMQ TTL/dead-letter delay queues, local lane heap; see
+  :mod:`celery_ext.delays`), then acked, and comes back to its queue when due.
+  On Redis the horizon is also kept below the transport's
   ``visibility_timeout``, so a long ETA is never redelivered while it waits.
 
-The QoS therefore never exceeds ``prefetch_limit`` (nor 65,535). Brokers with
-no parking store (RabbitMQ for now) hold ETA messages as stock does, within the
-same cap. Counts are reported by ``info()`` under ``celery_ext`` in
-``celery inspect stats`` (and so in Flower).
+The QoS therefore never exceeds ``prefetch_limit`` (nor 65,535). Where no
+parking store exists (other brokers, kombu < 5.7 on RabbitMQ) ETA messages stay
+in the worker as in stock Celery, and only the 65,535 overflow is prevented.
+Counts are reported by ``info()`` under ``celery_ext`` in ``celery inspect
+stats`` (and so in Flower).
 
 Example::
 
@@ -38,7 +40,7 @@ from celery.utils.time import maybe_make_aware
 from celery.worker import state as worker_state
 
 from ._settings import settings_of
-from .delays import RedisParking
+from .delays import AmqpParking, RedisParking
 
 __all__ = ["Backpressure", "eta_delay"]
 
@@ -78,6 +80,11 @@ def _parking_for(connection: Any) -> Any:
         return RedisParking(connection.default_channel)
     if driver == "local":
         return _LaneParking(connection.transport.lane)
+    if driver == "amqp":
+        try:
+            return AmqpParking(connection.default_channel)
+        except RuntimeError:  # kombu too old for prefixed delay levels
+            logger.warning("celery_ext: no ETA parking on this kombu; ETA tasks stay in the worker")
     return None
 
 
@@ -127,6 +134,9 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.store is not None and c.connection.transport.driver_type == "redis":
             visibility = float(c.connection.transport_options.get("visibility_timeout", 3600))
             self.eta_horizon_s = min(self.eta_horizon_s, visibility - max(1.0, 0.1 * visibility))
+        if isinstance(self.store, AmqpParking):
+            for queue in getattr(c.task_consumer, "queues", None) or []:
+                self.store.bind(queue.name)  # not from inside a message callback
         for name, strategy in list(c.strategies.items()):
             c.strategies[name] = self.wrap(c, strategy)
         c.celery_ext_wrap_strategy = lambda strategy: self.wrap(c, strategy)
@@ -177,7 +187,8 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         if delay <= 0 or (delay <= self.eta_horizon_s and self.eta_held(c) < self.eta_buffer):
             return False
         try:
-            self.store.park(_queue_of(c, message), message.serializable(), delay)
+            payload = message if isinstance(self.store, AmqpParking) else message.serializable()
+            self.store.park(_queue_of(c, message), payload, delay)
         except Exception:
             self.park_errors += 1
             logger.warning("celery_ext: could not park %s; holding it", message.headers.get("id"))

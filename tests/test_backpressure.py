@@ -28,16 +28,23 @@ def wait_for(check: Callable[[], object], timeout: float = 20.0, every: float = 
         time.sleep(every)
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", "redis", "amqp"])
 def app(request: pytest.FixtureRequest, unique_queue: str) -> Iterator[Celery]:
-    url = "local://" if request.param == "local" else request.getfixturevalue("redis_url")
+    url = (
+        "local://" if request.param == "local" else request.getfixturevalue(f"{request.param}_url")
+    )
     app = Celery(f"bp_{uuid.uuid4().hex[:6]}", broker=url, set_as_current=False)
     app.conf.update(
         task_default_queue=unique_queue,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=False,
     )
+    if request.param == "amqp":
+        app.conf.broker_heartbeat = 0  # the embedded amqp worker stops ~10 s faster
     yield app
+    if request.param == "amqp":
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(unique_queue)
     if request.param == "redis":
         with app.connection_for_write() as conn:
             client = conn.default_channel.client
