@@ -20,6 +20,7 @@ import kombu.transport
 
 from . import _settings, backpressure, bounds, local
 from ._settings import Settings, settings_of
+from .bounds import enqueue_many
 from .errors import CeleryExtError, ConfigurationError, LaneNotInstalled, QueueFull
 from .local import DrainReport, LocalWorker
 from .observability import start_flower
@@ -38,6 +39,7 @@ __all__ = [
     "QueueFull",
     "Settings",
     "__version__",
+    "enqueue_many",
     "install",
     "settings_of",
     "start_flower",
