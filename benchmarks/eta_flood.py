@@ -79,6 +79,10 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     results = redis.Redis.from_url(REDIS)
     app = Celery("flood-producer", broker=broker, set_as_current=False)
     app.conf.task_default_queue = queue
+    if variant == "celery_ext":
+        import celery_ext
+
+        celery_ext.install(app)  # producers park far ETAs themselves (Redis)
     name = f"flood-{variant}-{uuid.uuid4().hex[:4]}@localhost"
     cmd = [
         *(sys.executable, "-m", "celery", "-A", "benchmarks.flood_app", "worker"),

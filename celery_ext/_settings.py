@@ -41,6 +41,12 @@ def _positive_int(key: str, value: object) -> int:
     return value
 
 
+def _bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{PREFIX}{key}={value!r}: expected True or False")
+    return value
+
+
 def _duration(key: str, value: object) -> float:
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
@@ -93,6 +99,7 @@ _CHECKS = {
     "eta_buffer": _positive_int,
     "eta_horizon": _duration,
     "park_interval": _duration,
+    "park_on_publish": _bool,
     "queue_limits": _queue_limits,
     "queue_full_policy": _queue_policy,
     "queue_block_timeout": _duration,
@@ -117,6 +124,8 @@ class Settings:
       soon; the rest stay free for ready work.
     - ``eta_horizon``: seconds; an ETA further away is parked on the broker.
     - ``park_interval``: seconds between two runs of a worker's parking mover.
+    - ``park_on_publish``: a producer parks an ETA beyond the horizon itself
+      (Redis, local lane) instead of queueing it for a worker to park.
     - ``queue_limits``: ``{queue: max messages}`` enforced when publishing.
     - ``queue_full_policy``: ``"block"``, ``"raise"`` or ``"shed"`` at that bound.
     - ``queue_block_timeout``: seconds a blocked publish waits for room.
@@ -134,6 +143,7 @@ class Settings:
     eta_buffer: int = 100
     eta_horizon: float = 300.0
     park_interval: float = 0.5
+    park_on_publish: bool = True
     queue_limits: Mapping[str, int] = field(default_factory=dict)
     queue_full_policy: QueuePolicy = "raise"
     queue_block_timeout: float = 1.0

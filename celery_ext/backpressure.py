@@ -31,34 +31,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
-from time import time
 from typing import Any
 
 from celery import bootsteps
-from celery.utils.time import maybe_make_aware
 from celery.worker import state as worker_state
 
 from ._settings import settings_of
-from .delays import AmqpParking, RedisParking
+from .delays import AmqpParking, RedisParking, eta_delay, redis_horizon
 
-__all__ = ["Backpressure", "eta_delay"]
+__all__ = ["Backpressure"]
 
 logger = logging.getLogger(__name__)
 
 #: kombu turns a larger prefetch count into 0, which means unlimited.
 QOS_MAX = 65_535
-
-
-def eta_delay(eta: str, tz: Any = None, now: float | None = None) -> float:
-    """Seconds from ``now`` until the ISO-8601 ``eta`` of a task message.
-
-    Example::
-
-        eta_delay("2030-01-01T00:00:00+00:00") > 0   # True
-    """
-    due: datetime = maybe_make_aware(datetime.fromisoformat(eta), tz)
-    return due.timestamp() - (time() if now is None else now)
 
 
 class _LaneParking:
@@ -133,7 +119,7 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
             c.qos.update()
         if self.store is not None and c.connection.transport.driver_type == "redis":
             visibility = float(c.connection.transport_options.get("visibility_timeout", 3600))
-            self.eta_horizon_s = min(self.eta_horizon_s, visibility - max(1.0, 0.1 * visibility))
+            self.eta_horizon_s = redis_horizon(self.eta_horizon_s, visibility)
         if isinstance(self.store, AmqpParking):
             for queue in getattr(c.task_consumer, "queues", None) or []:
                 self.store.bind(queue.name)  # not from inside a message callback

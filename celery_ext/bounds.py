@@ -106,6 +106,7 @@ from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
 from ._settings import PREFIX, Settings
+from .delays import RedisParking, eta_delay, redis_horizon
 from .errors import ConfigurationError, QueueFull
 
 __all__ = [
@@ -161,6 +162,8 @@ class Bounds:
         self.limits: Mapping[str, int] = dict(settings.queue_limits)
         self.policy: str = settings.queue_full_policy
         self.block_timeout_s = settings.queue_block_timeout
+        self.eta_horizon_s = settings.eta_horizon
+        self.park_on_publish = settings.park_on_publish
         #: RabbitMQ: ``x-max-length`` of the reject-publish queues declared so far.
         self.declared: dict[str, int] = {}
         self._shed: dict[str, int] = {}
@@ -429,7 +432,30 @@ class RedisChannel(_Collecting, kombu_redis.Channel):  # type: ignore[misc]
             kwargs[_LIMIT_KW] = _check_limit(call, f"apply_async({OPTION})")
         return super().basic_publish(message, exchange, routing_key, **kwargs)
 
+    @cached_property
+    def _parking(self) -> RedisParking:
+        return RedisParking(self)
+
+    def _park_at_publish(self, queue: str, message: Any) -> bool:
+        """Park a far-future ETA message instead of pushing it (see backpressure)."""
+        bounds = self.bounds
+        if bounds is None or not bounds.park_on_publish:
+            return False
+        eta = (message.get("headers") or {}).get("eta")
+        if not eta:
+            return False
+        try:
+            delay = eta_delay(eta, bounds.app.timezone)
+        except ValueError:
+            return False  # the worker reports a malformed ETA, as stock Celery does
+        if delay <= redis_horizon(bounds.eta_horizon_s, float(self.visibility_timeout)):
+            return False
+        self._parking.park(queue, message, delay)
+        return True
+
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        if self._park_at_publish(queue, message):
+            return None
         call = kwargs.pop(_LIMIT_KW, None)
         bounds = self.bounds
         limit = bounds.limit(queue, message["headers"].get("task"), call) if bounds else None

@@ -38,13 +38,15 @@ import inspect
 import math
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import amqp
+from celery.utils.time import maybe_make_aware
 from kombu.transport import native_delayed_delivery as _native
 from kombu.utils.json import dumps
 
-__all__ = ["AMQP_MAX_DELAY_S", "AmqpParking", "RedisParking"]
+__all__ = ["AMQP_MAX_DELAY_S", "AmqpParking", "RedisParking", "eta_delay", "redis_horizon"]
 
 #: Hash (field: sorted-set key, value: target list key) of every parking sorted set.
 REGISTRY = "celery_ext.parked"
@@ -81,6 +83,31 @@ for i = 1, #entries, 2 do
 end
 return moved
 """
+
+
+def eta_delay(eta: str, tz: Any = None, now: float | None = None) -> float:
+    """Seconds from ``now`` until the ISO-8601 ``eta`` header of a task message.
+
+    Example::
+
+        eta_delay("2030-01-01T00:00:00+00:00") > 0   # True
+    """
+    due: datetime = maybe_make_aware(datetime.fromisoformat(eta), tz)
+    return due.timestamp() - (time.time() if now is None else now)
+
+
+def redis_horizon(horizon_s: float, visibility_timeout_s: float) -> float:
+    """The parking horizon on Redis: below ``visibility_timeout`` by a margin.
+
+    A message held longer than the visibility timeout is redelivered (kombu #337),
+    so anything due later than this is parked instead.
+
+    Example::
+
+        redis_horizon(300, 3600)   # 300.0
+        redis_horizon(300, 60)     # 54.0
+    """
+    return min(horizon_s, visibility_timeout_s - max(1.0, 0.1 * visibility_timeout_s))
 
 
 class RedisParking:

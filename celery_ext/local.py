@@ -63,6 +63,7 @@ from kombu.transport import virtual
 from kombu.utils.imports import symbol_by_name
 
 from ._settings import Settings, settings_of
+from .delays import eta_delay
 from .errors import LaneNotInstalled, QueueFull
 
 __all__ = [
@@ -105,6 +106,8 @@ class Lane:
         self.max_queued = settings.lane_max_queued
         self.policy = settings.lane_full_policy
         self.block_timeout_s = settings.lane_block_timeout
+        #: ETA messages due later than this are parked when published (None: never).
+        self.park_after_s = settings.eta_horizon if settings.park_on_publish else None
         self.broker_state = virtual.BrokerState()
         self.dropped_transient = 0
         self._cond = threading.Condition(threading.Lock())
@@ -439,7 +442,17 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         return message
 
     def _put(self, queue: str, message: Message, **kwargs: Any) -> None:
-        self.lane.put(queue, message)
+        lane = self.lane
+        eta = (message.get("headers") or {}).get("eta") if lane.park_after_s is not None else None
+        if eta:
+            try:
+                delay = eta_delay(eta)
+            except ValueError:
+                delay = 0.0  # the worker reports a malformed ETA, as stock Celery does
+            if lane.park_after_s is not None and delay > lane.park_after_s:
+                lane.park(queue, message, delay)
+                return
+        lane.put(queue, message)
 
     def _put_fanout(self, exchange: str, message: Message, routing_key: str, **kwargs: Any) -> None:
         for queue in self._lookup(exchange, routing_key):

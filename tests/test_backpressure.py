@@ -19,6 +19,7 @@ from celery.contrib.testing.worker import start_worker
 
 import celery_ext
 from celery_ext import LocalWorker
+from celery_ext.local import lane_of
 
 
 def wait_for(check: Callable[[], object], timeout: float = 20.0, every: float = 0.05) -> None:
@@ -78,7 +79,8 @@ def stats(app: Celery, hostname: str) -> dict[str, Any]:
 
 
 def test_ready_tasks_run_while_thousands_of_far_eta_tasks_wait(app: Celery) -> None:
-    celery_ext.install(app, prefetch_limit=50, eta_buffer=10)
+    # Producers without celery_ext queue far ETAs: the worker parks them.
+    celery_ext.install(app, prefetch_limit=50, eta_buffer=10, park_on_publish=False)
     ran: list[str] = []
 
     @app.task(shared=False, name="bp.record")
@@ -98,7 +100,7 @@ def test_ready_tasks_run_while_thousands_of_far_eta_tasks_wait(app: Celery) -> N
 
 
 def test_parked_tasks_run_when_due(app: Celery) -> None:
-    celery_ext.install(app, eta_horizon=0.2, park_interval=0.1)
+    celery_ext.install(app, eta_horizon=0.2, park_interval=0.1, park_on_publish=False)
     started: dict[int, float] = {}
 
     @app.task(shared=False, name="bp.stamp")
@@ -117,7 +119,7 @@ def test_parked_tasks_run_when_due(app: Celery) -> None:
 
 
 def test_the_qos_never_exceeds_the_cap_under_an_eta_and_ready_mix(app: Celery) -> None:
-    celery_ext.install(app, prefetch_limit=20, eta_buffer=5)
+    celery_ext.install(app, prefetch_limit=20, eta_buffer=5, park_on_publish=False)
     gate = threading.Event()
     ran: list[int] = []
 
@@ -160,7 +162,7 @@ def test_a_long_eta_on_redis_with_a_short_visibility_timeout_runs_once(
         worker_hijack_root_logger=False,
         broker_transport_options={"visibility_timeout": 2},
     )
-    celery_ext.install(app, park_interval=0.1)
+    celery_ext.install(app, park_interval=0.1, park_on_publish=False)
     runs: list[float] = []
 
     @app.task(shared=False, name="vt.once")
@@ -192,3 +194,53 @@ def test_prefetch_limit_cli_option_reaches_the_worker(redis_url: str, unique_que
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_producers_park_far_etas_themselves(app: Celery) -> None:
+    celery_ext.install(app, eta_horizon=60)
+
+    @app.task(shared=False, name="bp.far")
+    def far() -> None: ...
+
+    queue = app.conf.task_default_queue
+    far.apply_async(countdown=3600)
+    far.apply_async(countdown=5)  # within the horizon: queued as usual
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        driver = conn.transport.driver_type
+        if driver == "local":
+            waiting, parked = lane_of(app).depth(queue), lane_of(app).parked(queue)
+        elif driver == "redis":
+            from celery_ext.delays import RedisParking
+
+            waiting, parked = channel.client.llen(queue), RedisParking(channel).parked(queue)
+        else:
+            pytest.skip("RabbitMQ producers queue ETAs; its workers park them")
+    assert (waiting, parked) == (1, 1)
+
+
+def test_park_on_publish_can_be_turned_off(unique_queue: str) -> None:
+    app = Celery(f"nopark_{uuid.uuid4().hex[:6]}", broker="local://", set_as_current=False)
+    app.conf.task_default_queue = unique_queue
+    celery_ext.install(app, park_on_publish=False)
+
+    @app.task(shared=False, name="bp.nopark")
+    def far() -> None: ...
+
+    far.apply_async(countdown=3600)
+    assert (lane_of(app).depth(unique_queue), lane_of(app).parked(unique_queue)) == (1, 0)
+
+
+def test_tasks_parked_by_their_producer_run_when_due(app: Celery) -> None:
+    celery_ext.install(app, eta_horizon=0.5, park_interval=0.1)
+    started: list[float] = []
+
+    @app.task(shared=False, name="bp.pub")
+    def stamp() -> None:
+        started.append(time.time())
+
+    with worker(app):
+        due = time.time() + 2.0
+        stamp.apply_async(countdown=2.0)
+        wait_for(lambda: started, timeout=15)
+    assert due - 0.05 <= started[0] < due + 3.0
