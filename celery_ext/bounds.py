@@ -106,7 +106,7 @@ from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
 from ._settings import PREFIX, Settings
-from .delays import RedisParking, eta_delay, redis_horizon
+from .delays import AmqpParking, RedisParking, eta_delay, redis_horizon
 from .errors import ConfigurationError, QueueFull
 
 __all__ = [
@@ -609,9 +609,43 @@ class AmqpChannel(_Collecting, pyamqp.Channel):  # type: ignore[misc]
     ) -> Any:
         return self._publish(True, msg, exchange, routing_key, kwargs)
 
+    _parking_now = False
+
+    @cached_property
+    def _parking(self) -> AmqpParking | None:
+        try:
+            return AmqpParking(self)
+        except RuntimeError:  # kombu too old for prefixed delay levels: queue ETAs as usual
+            return None
+
+    def _park_at_publish(self, msg: Any, exchange: str, routing_key: str) -> bool:
+        """Park a far-future ETA message instead of queueing it (see backpressure)."""
+        bounds = self.bounds
+        if bounds is None or not bounds.park_on_publish or self._parking_now:
+            return False  # (AmqpParking publishes through this channel too)
+        eta = (msg.properties.get("application_headers") or {}).get("eta")
+        if not eta:
+            return False
+        try:
+            delay = eta_delay(eta, bounds.app.timezone)
+        except ValueError:
+            return False  # the worker reports a malformed ETA, as stock Celery does
+        queue = bounds.queue_for(exchange, routing_key)
+        parking = self._parking if delay > bounds.eta_horizon_s and queue else None
+        if parking is None or queue is None:
+            return False
+        self._parking_now = True
+        try:
+            parking.park(queue, msg, delay)
+        finally:
+            self._parking_now = False
+        return True
+
     def _publish(
         self, confirm: bool, msg: Any, exchange: str, routing_key: str, kwargs: dict[str, Any]
     ) -> Any:
+        if self._park_at_publish(msg, exchange, routing_key):
+            return None
         props = msg.properties
         call = props.pop(OPTION, None)
         bounds = self.bounds

@@ -214,9 +214,10 @@ def test_producers_park_far_etas_themselves(app: Celery) -> None:
             from celery_ext.delays import RedisParking
 
             waiting, parked = channel.client.llen(queue), RedisParking(channel).parked(queue)
-        else:
-            pytest.skip("RabbitMQ producers queue ETAs; its workers park them")
-    assert (waiting, parked) == (1, 1)
+        else:  # RabbitMQ's delay queues are shared by every queue: no exact count
+            waiting, parked = channel.queue_declare(queue, passive=True).message_count, None
+    assert waiting == 1  # only the near ETA was queued
+    assert parked in (1, None)
 
 
 def test_park_on_publish_can_be_turned_off(unique_queue: str) -> None:
