@@ -37,6 +37,7 @@ from celery import bootsteps
 from celery.worker import state as worker_state
 
 from ._settings import settings_of
+from .bounds import BOUNDS_OPTION, Bounds
 from .delays import AmqpParking, RedisParking, eta_delay, redis_horizon
 
 __all__ = ["Backpressure"]
@@ -186,6 +187,8 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
     def info(self, c: Any) -> dict[str, Any]:
         qos = getattr(c, "qos", None)
         eta_held = self.eta_held(c) if qos is not None else 0
+        settings = settings_of(c.app)
+        limits = (c.app.conf.broker_transport_options or {}).get(BOUNDS_OPTION)
         return {
             "celery_ext": {
                 "prefetch_limit": self.prefetch_limit,
@@ -197,6 +200,9 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
                 "eta_held": eta_held,
                 "parked_total": self.parked,
                 "park_errors": self.park_errors,
+                "queue_limits": dict(settings.queue_limits),
+                "queue_full_policy": settings.queue_full_policy,
+                "shed_total": limits.shed() if isinstance(limits, Bounds) else 0,
             }
         }
 

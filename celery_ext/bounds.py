@@ -34,8 +34,9 @@ How, per broker (``install(app)`` selects the transports below for
   next check counts it): exact for one producer, it may overshoot by the
   number of concurrent producers.
   A declared ``x-max-length`` is a hard cap a larger per-call bound cannot lift.
-- **Local lane** (``local://``): the lane's own ``lane_max_queued`` bound and
-  ``lane_full_policy`` apply; ``queue_limits`` and ``max_queued`` are ignored.
+- **Local lane** (``local://``): ``queue_limits`` and ``max_queued`` bound its
+  queues natively (never above ``lane_max_queued``), under ``lane_full_policy``
+  (``block`` or ``raise``; there is no ``shed`` on the lane).
 
 Policies when full: ``raise`` raises ``QueueFull`` at once; ``block`` retries
 with short waits (5 ms doubling to 50 ms) for up to ``queue_block_timeout``
@@ -130,7 +131,7 @@ OPTION = "max_queued"
 #: Key under ``broker_transport_options`` that carries an app's :class:`Bounds`.
 BOUNDS_OPTION = "celery_ext_bounds"
 
-_LIMIT_KW = "_celery_ext_max_queued"  # a call's bound, from basic_publish to _put
+LIMIT_KW = "_celery_ext_max_queued"  # a call's bound, from basic_publish to _put
 _FIRST_WAIT_S = 0.005
 _MAX_WAIT_S = 0.05
 _CONFIRM_TIMEOUT_S = 30.0
@@ -429,7 +430,7 @@ class RedisChannel(_Collecting, kombu_redis.Channel):  # type: ignore[misc]
     def basic_publish(self, message: Any, exchange: str, routing_key: str, **kwargs: Any) -> Any:
         call = message["properties"].pop(OPTION, None)
         if call is not None:
-            kwargs[_LIMIT_KW] = _check_limit(call, f"apply_async({OPTION})")
+            kwargs[LIMIT_KW] = _check_limit(call, f"apply_async({OPTION})")
         return super().basic_publish(message, exchange, routing_key, **kwargs)
 
     @cached_property
@@ -456,7 +457,7 @@ class RedisChannel(_Collecting, kombu_redis.Channel):  # type: ignore[misc]
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         if self._park_at_publish(queue, message):
             return None
-        call = kwargs.pop(_LIMIT_KW, None)
+        call = kwargs.pop(LIMIT_KW, None)
         bounds = self.bounds
         limit = bounds.limit(queue, message["headers"].get("task"), call) if bounds else None
         collector = self._collector
@@ -846,11 +847,11 @@ def setup(app: Celery, settings: Settings) -> None:
                     "remove broker_transport_options['confirm_publish']=False"
                 )
             options["confirm_publish"] = True
-    elif settings.queue_limits:
+    elif settings.queue_limits and not str(app.conf.broker_url or "").startswith("local://"):
         logger.warning(
             "celery_ext: %squeue_limits is not enforced for broker %r (only redis://, "
-            "rediss://, amqp://, amqps:// single-URL brokers with broker_transport unset; "
-            "the local lane uses lane_max_queued)",
+            "rediss://, amqp://, amqps:// single-URL brokers with broker_transport unset, "
+            "and the local lane)",
             PREFIX,
             app.conf.broker_url,
         )

@@ -62,6 +62,7 @@ from kombu import Producer
 from kombu.transport import virtual
 from kombu.utils.imports import symbol_by_name
 
+from . import bounds
 from ._settings import Settings, settings_of
 from .delays import eta_delay
 from .errors import LaneNotInstalled, QueueFull
@@ -161,32 +162,37 @@ class Lane:
     def next_tag(self) -> int:
         return next(self._tags)
 
-    def put(self, queue: str, message: Message) -> None:
-        """Append ``message`` to ``queue``, applying the bound and full policy."""
+    def put(self, queue: str, message: Message, limit: int | None = None) -> None:
+        """Append ``message`` to ``queue``, applying the bound and full policy.
+
+        ``limit`` (a ``queue_limits`` / ``max_queued`` bound) can only lower the
+        lane's own ``max_queued``.
+        """
+        bound = self.max_queued if limit is None else min(limit, self.max_queued)
         with self._cond:
             q = self._queues.get(queue)
             if q is None:
                 q = self._queues[queue] = deque()
-            if len(q) >= self.max_queued:
+            if len(q) >= bound:
                 if queue in self._transient:
                     q.popleft()
                     self.dropped_transient += 1
                 elif self.policy == "raise" or self.block_timeout_s <= 0:
-                    raise QueueFull(queue, self.max_queued, len(q))
+                    raise QueueFull(queue, bound, len(q))
                 else:
-                    self._wait_for_room(queue, q)
+                    self._wait_for_room(queue, q, bound)
             q.append(message)
             self._arrived(queue)
 
-    def _wait_for_room(self, queue: str, q: deque[Message]) -> None:
+    def _wait_for_room(self, queue: str, q: deque[Message], bound: int) -> None:
         start = monotonic()
         self._room_waiters += 1
         try:
-            has_room = self._cond.wait_for(lambda: len(q) < self.max_queued, self.block_timeout_s)
+            has_room = self._cond.wait_for(lambda: len(q) < bound, self.block_timeout_s)
         finally:
             self._room_waiters -= 1
         if not has_room:
-            raise QueueFull(queue, self.max_queued, len(q), monotonic() - start)
+            raise QueueFull(queue, bound, len(q), monotonic() - start)
 
     def _arrived(self, queue: str) -> None:
         self._arrivals[queue] = self._arrivals.get(queue, 0) + 1
@@ -441,6 +447,14 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             raise Empty()
         return message
 
+    def basic_publish(
+        self, message: Message, exchange: str, routing_key: str, **kwargs: Any
+    ) -> Any:
+        call = message["properties"].pop(bounds.OPTION, None)  # apply_async(max_queued=N)
+        if call is not None:
+            kwargs[bounds.LIMIT_KW] = call
+        return super().basic_publish(message, exchange, routing_key, **kwargs)
+
     def _put(self, queue: str, message: Message, **kwargs: Any) -> None:
         lane = self.lane
         eta = (message.get("headers") or {}).get("eta") if lane.park_after_s is not None else None
@@ -452,7 +466,13 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             if lane.park_after_s is not None and delay > lane.park_after_s:
                 lane.park(queue, message, delay)
                 return
-        lane.put(queue, message)
+        limits = self.connection.client.transport_options.get(bounds.BOUNDS_OPTION)
+        limit = None
+        if isinstance(limits, bounds.Bounds):  # queue_limits, @app.task(max_queued=), the call's
+            call = kwargs.get(bounds.LIMIT_KW)
+            task = (message.get("headers") or {}).get("task")
+            limit = limits.limit(queue, task, None if call is None else int(call))
+        lane.put(queue, message, limit)
 
     def _put_fanout(self, exchange: str, message: Message, routing_key: str, **kwargs: Any) -> None:
         for queue in self._lookup(exchange, routing_key):

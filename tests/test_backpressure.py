@@ -245,3 +245,13 @@ def test_tasks_parked_by_their_producer_run_when_due(app: Celery) -> None:
         stamp.apply_async(countdown=2.0)
         wait_for(lambda: started, timeout=15)
     assert due - 0.05 <= started[0] < due + 3.0
+
+
+def test_queue_bounds_are_visible_in_inspect_stats(unique_queue: str) -> None:
+    app = Celery(f"bstats_{uuid.uuid4().hex[:6]}", broker="local://", set_as_current=False)
+    app.conf.task_default_queue = unique_queue
+    celery_ext.install(app, queue_limits={unique_queue: 5}, queue_full_policy="block")
+    with LocalWorker(app) as w:
+        info = stats(app, w.hostname)
+    assert info["queue_limits"] == {unique_queue: 5}
+    assert (info["queue_full_policy"], info["shed_total"]) == ("block", 0)

@@ -404,6 +404,35 @@ def test_enqueue_many_on_the_local_lane_meets_its_native_bound(unique_queue: str
     assert len(ids) == 3 and sorted(ran) == [0, 1, 2, 3, 4, 10, 11, 12]
 
 
+def test_queue_limits_task_and_call_bounds_apply_on_the_local_lane(unique_queue: str) -> None:
+    app = Celery("bounds_local2", broker="local://", set_as_current=False)
+    app.conf.task_default_queue = unique_queue
+    celery_ext.install(app, queue_limits={unique_queue: 4}, lane_full_policy="raise")
+
+    @app.task(shared=False, name="bounds.local.plain")
+    def plain() -> None: ...
+
+    @app.task(shared=False, name="bounds.local.capped", max_queued=2)
+    def capped() -> None: ...
+
+    capped.delay()
+    capped.delay()
+    with pytest.raises(QueueFull) as by_task:
+        capped.delay()
+    assert (by_task.value.queue, by_task.value.limit, by_task.value.depth) == (unique_queue, 2, 2)
+    with pytest.raises(QueueFull) as by_call:
+        plain.apply_async(max_queued=1)
+    assert by_call.value.limit == 1
+    plain.delay()
+    plain.delay()
+    with pytest.raises(QueueFull) as by_setting:
+        plain.delay()
+    assert by_setting.value.limit == 4
+    with app.connection_for_write() as conn:
+        message = conn.default_channel.basic_get(unique_queue, no_ack=True)
+    assert "max_queued" not in message.properties  # the bound never reaches a worker
+
+
 # -- transport selection (no server needed) -------------------------------------------------------
 @pytest.mark.parametrize(
     ("url", "expected"),
