@@ -343,8 +343,10 @@ class AmqpParking:
         body, properties = _unpack(message)
         self.bind(queue)
         due = time.time() + delay
-        level_27 = self.delay_queues[-1]
-        self.channel.basic_publish(amqp.Message(body, **properties), level_27, routing_key)
+        # Enter at the highest set bit, not at level 27 as kombu does: the levels
+        # above it would only pass the message on, and every hop costs the broker.
+        entry = self.delay_queues[max(0, delay.bit_length() - 1)]
+        self.channel.basic_publish(amqp.Message(body, **properties), entry, routing_key)
         return due
 
     def bind(self, queue: str, again: bool = False) -> None:
