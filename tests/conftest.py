@@ -83,4 +83,6 @@ def broker_app(request: pytest.FixtureRequest, unique_queue: str) -> Iterator[Ce
     if request.param != "local":
         with app.connection_for_write() as conn:
             conn.default_channel.queue_delete(unique_queue)
+            if request.param == "amqp":  # Celery declared an exchange named after the queue
+                conn.default_channel.exchange_delete(unique_queue)
     app.close()
