@@ -191,6 +191,21 @@ class Bounds:
             raise ConfigurationError("celery_ext.install(app) has not been called for this app")
         return bounds
 
+    def publish_delay(self, headers: Mapping[str, Any] | None) -> float | None:
+        """Seconds until a message's ETA when producers park (``park_on_publish``), else None.
+
+        Example::
+
+            bounds.publish_delay({"eta": "2030-01-01T00:00:00+00:00"})   # > 0
+        """
+        eta = (headers or {}).get("eta") if self.park_on_publish else None
+        if not eta:
+            return None
+        try:
+            return eta_delay(eta, self.app.timezone)
+        except ValueError:
+            return None  # the worker reports a malformed ETA, as stock Celery does
+
     def task_limit(self, name: object) -> int | None:
         """The ``max_queued`` attribute of the task called ``name``, or None.
 
@@ -440,15 +455,9 @@ class RedisChannel(_Collecting, kombu_redis.Channel):  # type: ignore[misc]
     def _park_at_publish(self, queue: str, message: Any) -> bool:
         """Park a far-future ETA message instead of pushing it (see backpressure)."""
         bounds = self.bounds
-        if bounds is None or not bounds.park_on_publish:
+        delay = bounds.publish_delay(message.get("headers")) if bounds is not None else None
+        if bounds is None or delay is None:
             return False
-        eta = (message.get("headers") or {}).get("eta")
-        if not eta:
-            return False
-        try:
-            delay = eta_delay(eta, bounds.app.timezone)
-        except ValueError:
-            return False  # the worker reports a malformed ETA, as stock Celery does
         if delay <= redis_horizon(bounds.eta_horizon_s, float(self.visibility_timeout)):
             return False
         self._parking.park(queue, message, delay)
@@ -622,15 +631,11 @@ class AmqpChannel(_Collecting, pyamqp.Channel):  # type: ignore[misc]
     def _park_at_publish(self, msg: Any, exchange: str, routing_key: str) -> bool:
         """Park a far-future ETA message instead of queueing it (see backpressure)."""
         bounds = self.bounds
-        if bounds is None or not bounds.park_on_publish or self._parking_now:
+        if bounds is None or self._parking_now:
             return False  # (AmqpParking publishes through this channel too)
-        eta = (msg.properties.get("application_headers") or {}).get("eta")
-        if not eta:
+        delay = bounds.publish_delay(msg.properties.get("application_headers"))
+        if delay is None:
             return False
-        try:
-            delay = eta_delay(eta, bounds.app.timezone)
-        except ValueError:
-            return False  # the worker reports a malformed ETA, as stock Celery does
         queue = bounds.queue_for(exchange, routing_key)
         parking = self._parking if delay > bounds.eta_horizon_s and queue else None
         if parking is None or queue is None:

@@ -64,7 +64,6 @@ from kombu.utils.imports import symbol_by_name
 
 from . import bounds
 from ._settings import Settings, settings_of
-from .delays import eta_delay
 from .errors import LaneNotInstalled, QueueFull
 
 __all__ = [
@@ -107,8 +106,6 @@ class Lane:
         self.max_queued = settings.lane_max_queued
         self.policy = settings.lane_full_policy
         self.block_timeout_s = settings.lane_block_timeout
-        #: ETA messages due later than this are parked when published (None: never).
-        self.park_after_s = settings.eta_horizon if settings.park_on_publish else None
         self.broker_state = virtual.BrokerState()
         self.dropped_transient = 0
         self._cond = threading.Condition(threading.Lock())
@@ -457,22 +454,17 @@ class Channel(virtual.Channel):  # type: ignore[misc]
 
     def _put(self, queue: str, message: Message, **kwargs: Any) -> None:
         lane = self.lane
-        eta = (message.get("headers") or {}).get("eta") if lane.park_after_s is not None else None
-        if eta:
-            try:
-                delay = eta_delay(eta)
-            except ValueError:
-                delay = 0.0  # the worker reports a malformed ETA, as stock Celery does
-            if lane.park_after_s is not None and delay > lane.park_after_s:
-                lane.park(queue, message, delay)
-                return
         limits = self.connection.client.transport_options.get(bounds.BOUNDS_OPTION)
-        limit = None
-        if isinstance(limits, bounds.Bounds):  # queue_limits, @app.task(max_queued=), the call's
-            call = kwargs.get(bounds.LIMIT_KW)
-            task = (message.get("headers") or {}).get("task")
-            limit = limits.limit(queue, task, None if call is None else int(call))
-        lane.put(queue, message, limit)
+        if not isinstance(limits, bounds.Bounds):  # a bare Connection: the lane's own bound
+            lane.put(queue, message)
+            return
+        delay = limits.publish_delay(message.get("headers"))
+        if delay is not None and delay > limits.eta_horizon_s:
+            lane.park(queue, message, delay)  # a far-future ETA (see backpressure)
+            return
+        call = kwargs.get(bounds.LIMIT_KW)  # queue_limits, @app.task(max_queued=), the call's
+        task = (message.get("headers") or {}).get("task")
+        lane.put(queue, message, limits.limit(queue, task, None if call is None else int(call)))
 
     def _put_fanout(self, exchange: str, message: Message, routing_key: str, **kwargs: Any) -> None:
         for queue in self._lookup(exchange, routing_key):
