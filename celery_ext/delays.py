@@ -175,21 +175,6 @@ class RedisParking:
             total += int(self.client.zcard(f"{self._registry}:{target}"))
         return total
 
-    def next_due(self) -> float | None:
-        """Epoch seconds of the earliest parked message, or None.
-
-        Example::
-
-            parking.next_due()
-        """
-        earliest: float | None = None
-        for zkey in self.client.hkeys(self._registry):
-            head = self.client.zrange(zkey, 0, 0, withscores=True)
-            if head:
-                due = float(head[0][1]) / 1000.0
-                earliest = due if earliest is None else min(earliest, due)
-        return earliest
-
 
 _BITS: int = _native.MAX_NUMBER_OF_BITS_TO_USE  # 28 delay levels, 2^0 .. 2^27 s
 

@@ -111,7 +111,7 @@ class Lane:
         self._cond = threading.Condition(threading.Lock())
         self._queues: dict[str, deque[Message]] = {}
         self._transient: set[str] = set()
-        self._unacked: dict[object, str] = {}
+        self._unacked: set[object] = set()  # delivery tags
         self._tags = itertools.count(1)
         # Change counters, and who waits for what, so that a publish or an ack
         # only pays for a notify when somebody is waiting for exactly that.
@@ -146,15 +146,9 @@ class Lane:
         q = self._queues.get(queue)
         return len(q) if q is not None else 0
 
-    def queues(self) -> list[str]:
-        """Names of the task (non-transient) queues."""
-        return [q for q in list(self._queues) if q not in self._transient]
-
-    def unacked(self, queue: str | None = None) -> int:
+    def unacked(self) -> int:
         """Messages delivered to a consumer and not yet acked or rejected."""
-        if queue is None:
-            return len(self._unacked)
-        return sum(1 for q in list(self._unacked.values()) if q == queue)
+        return len(self._unacked)
 
     def next_tag(self) -> int:
         return next(self._tags)
@@ -199,7 +193,7 @@ class Lane:
     def restore(self, queue: str, message: Message, tag: object) -> None:
         """Put a delivered message back at the front of ``queue`` (ignores the bound)."""
         with self._cond:
-            self._unacked.pop(tag, None)
+            self._unacked.discard(tag)
             self._queues.setdefault(queue, deque()).appendleft(message)
             self._settled += 1
             self._arrived(queue)
@@ -219,7 +213,7 @@ class Lane:
             except IndexError:
                 return None
             if track:
-                self._unacked[message["properties"]["delivery_tag"]] = queue
+                self._unacked.add(message["properties"]["delivery_tag"])
             if self._room_waiters:
                 self._cond.notify_all()
             return message
@@ -227,7 +221,8 @@ class Lane:
     def settle(self, tag: object) -> None:
         """Forget a delivered message (acked or rejected) and wake who waits for it."""
         with self._cond:
-            if self._unacked.pop(tag, None) is not None:
+            if tag in self._unacked:
+                self._unacked.discard(tag)
                 self._settled += 1
                 if self._settle_waiters or self._any_waiters:
                     self._cond.notify_all()
