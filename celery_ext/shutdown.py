@@ -1,0 +1,431 @@
+"""Drain on warm shutdown: hand prefetched work back at once, finish in-flight within a deadline.
+
+Stock Celery's warm shutdown has no deadline and releases prefetched messages
+only when the connection closes, after in-flight work finished. The
+:class:`Drain` consumer step acts when a warm shutdown (SIGTERM, the first
+SIGINT, ``app.control.shutdown()``) stops the consumer, in the worker's own
+thread, not in the OS signal handler:
+
+1. :data:`~celery_ext.signals.drain_started` fires;
+2. consuming stops, and what the worker holds but has not started goes back to
+   the broker at once: ETA-held requests and tasks queued in the thread pool
+   are rejected with requeue (Redis restore, RabbitMQ reject, local-lane
+   re-queue);
+3. on the threads and solo pools the worker waits for running tasks (event
+   driven, no fixed sleep) at most ``drain_timeout`` seconds (setting, or
+   ``celery worker --drain-timeout``); past it, running tasks get
+   ``TaskTimeout`` and a short grace, then ``acks_late`` tasks are requeued
+   and early-acked ones are published again (at-least-once), and the worker
+   exits with status 1;
+4. :data:`~celery_ext.signals.drain_finished` fires with the counts, logged as
+   one line.
+
+On prefork, step 2 requeues the prefetched tasks no child has been given, and
+a watcher thread enforces the deadline: ``SIGUSR1`` (``TaskTimeout``) to the
+children still running a task, the grace, then their messages are requeued
+(or published again) and the children killed;
+:data:`~celery_ext.signals.drain_finished` fires once the pool has stopped.
+On gevent the pool's stop waits for running greenlets until the
+deadline, throws ``TaskTimeout`` into them, and after the grace saves and
+kills what still runs (prefetched messages there come back when the
+connection closes, as in stock Celery). A second SIGTERM/SIGINT keeps Celery's
+cold-shutdown meaning.
+
+Example::
+
+    celery -A shop worker -P threads --drain-timeout 20
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import bootsteps, signals
+from celery.worker import state as worker_state
+
+from ._settings import settings_of
+from .metrics import send_worker_event
+from .signals import drain_finished, drain_started
+from .timeouts import GeventTimeoutPool, TimeoutPool
+
+__all__ = ["Drain"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds running tasks get to react to TaskTimeout once the deadline passed.
+GRACE_S = 1.0
+
+
+class Drain(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step draining a warm shutdown within ``drain_timeout``; see the module docs.
+
+    ``install(app)`` adds it and the ``--drain-timeout`` worker option. It
+    acts when the consumer stops because the worker shuts down warm: after
+    Celery cleared its ETA timer, before the task consumer and the pool stop,
+    with the broker connection still open for acks and requeues.
+
+    Example::
+
+        @celery_ext.signals.drain_finished.connect
+        def report(sender=None, completed=0, requeued=0, abandoned=0, seconds=0.0, **kw):
+            print(completed, requeued, abandoned, seconds)
+    """
+
+    name = "celery_ext.shutdown.Drain"
+    requires = ("celery.worker.consumer.tasks:Tasks",)  # stops before Tasks and Connection
+
+    def __init__(self, c: Any, drain_timeout: float | None = None, **kwargs: Any) -> None:
+        settings = settings_of(c.app)
+        self.timeout_s = float(settings.drain_timeout if drain_timeout is None else drain_timeout)
+        self.done = False
+        self.state = "running"
+        self._wakeup: tuple[int, int] | None = None
+        super().__init__(c, **kwargs)
+
+    def start(self, c: Any) -> None:
+        c.celery_ext_drain = self
+        pool: Any = getattr(c, "pool", None)
+        if _buffered_pool(pool) is not None and not isinstance(pool.flush, _NotingFlush):
+            noting = pool.flush = _NotingFlush(pool)
+            _note_unstarted_on_close(c, noting)
+        hub = getattr(c, "hub", None)
+        if hub is None or self._wakeup is not None:
+            return
+        # Python retries an interrupted poll (PEP 475), so the event loop would
+        # notice SIGTERM only at its next timeout or event; a byte on this pipe on
+        # every signal wakes it at once.
+        try:
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
+            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except (ValueError, OSError):  # not the main thread (embedded workers): skip
+            return
+        self._wakeup = (r, w)
+        hub.add_reader(r, self._drain_pipe, r)
+
+    @staticmethod
+    def _drain_pipe(fd: int) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(fd, 512):
+                pass
+
+    def stop(self, c: Any) -> None:
+        worker = getattr(c, "controller", None)
+        blueprint = getattr(worker, "blueprint", None)
+        if (
+            self.done
+            or blueprint is None
+            or blueprint.state != bootsteps.CLOSE  # a reconnect, not a shutdown
+            or worker_state.should_terminate  # a cold shutdown keeps Celery's meaning
+            or getattr(worker, "celery_ext_embedded", False)  # LocalWorker drains itself
+        ):
+            return
+        self.done = True
+        self.state = "draining"
+        self._drain(c, worker)
+
+    def _drain(self, c: Any, worker: Any) -> None:
+        started_at = time.monotonic()
+        probes = getattr(c, "celery_ext_probes", None)
+        if probes is not None:
+            probes.stop(c)  # not ready from the first moment of the drain
+        send_worker_event(c, "drain-started", drain_timeout_s=self.timeout_s)
+        try:
+            drain_started.send(sender=worker)
+        except Exception:  # a receiver must not stop the drain
+            logger.exception("celery_ext: a drain_started receiver failed")
+        task_consumer = getattr(c, "task_consumer", None)
+        if task_consumer is not None:
+            try:
+                task_consumer.cancel()
+            except Exception:  # the connection may already be gone: nothing to stop
+                logger.debug("celery_ext: cancelling the task consumer failed", exc_info=True)
+        requeued = self._hand_back(c)
+        in_flight = len(worker_state.active_requests)
+        pool = getattr(c, "pool", None)
+        if _buffered_pool(pool) is not None:  # prefork: the pool's own stop waits for in-flight
+            _PreforkDeadline(worker, pool, started_at, self.timeout_s, in_flight, requeued).arm()
+            return
+        if isinstance(pool, GeventTimeoutPool):  # its on_stop waits until the deadline
+            pool.drain_deadline = started_at + self.timeout_s
+            pool.drain_grace_s, pool.drain_abandon = GRACE_S, _save
+            _report_after_pool(worker, started_at, in_flight, requeued, lambda: pool.abandoned)
+            return
+        completed = abandoned = 0
+        if isinstance(pool, TimeoutPool):
+            if not pool.wait_idle(self.timeout_s - (time.monotonic() - started_at)):
+                pool.interrupt_running()
+                pool.wait_idle(GRACE_S)
+                for request in pool.running_requests():
+                    abandoned += 1
+                    _save(request)
+                pool.join_timeout_s = 0.0  # what still runs is abandoned, not awaited
+            completed = max(0, in_flight - abandoned)
+            if abandoned:
+                worker.exitcode = 1
+        _report(worker, started_at, completed, requeued, abandoned)
+        send_worker_event(c, "drain-finished", **worker.celery_ext_drain_report)
+
+    def _hand_back(self, c: Any) -> int:
+        handed = 0
+        # ETA-held messages: Celery already cleared its timer (Consumer.on_close), so
+        # they will not run here; the Backpressure step kept the messages.
+        backpressure = getattr(c, "celery_ext_backpressure", None)
+        for message in backpressure.take_eta_messages() if backpressure is not None else ():
+            try:
+                message.reject(requeue=True)
+                handed += 1
+            except Exception:  # the connection may be gone: the broker restores it anyway
+                logger.debug("celery_ext: could not requeue an ETA message", exc_info=True)
+        pool = getattr(c, "pool", None)
+        if isinstance(pool, TimeoutPool):
+            for request in pool.take_waiting():
+                handed += _requeue(request)
+        return handed + _requeue_unstarted(pool)
+
+    def section(self, worker: Any) -> dict[str, Any]:
+        """Its part of the ``celery_ext`` section of ``inspect stats`` (see :mod:`.metrics`)."""
+        report = getattr(worker, "celery_ext_drain_report", None)
+        state = "drained" if report is not None else self.state
+        return {"state": state, "drain_timeout_s": self.timeout_s, "last": report}
+
+
+def requests_now(*sets: Any) -> list[Any]:
+    """A copy of worker-state request sets, taken from a thread other than the consumer's.
+
+    Example::
+
+        requests_now(worker_state.reserved_requests, worker_state.active_requests)
+    """
+    while True:
+        try:
+            return [request for requests in sets for request in list(requests)]
+        except RuntimeError:  # a set changed while copied (the consumer acked one): again
+            continue
+
+
+def _report(worker: Any, started_at: float, completed: int, requeued: int, abandoned: int) -> None:
+    seconds = time.monotonic() - started_at
+    worker.celery_ext_drain_report = {
+        "completed": completed,
+        "requeued": requeued,
+        "abandoned": abandoned,
+        "seconds": round(seconds, 3),
+    }
+    logger.warning(
+        "celery_ext: drained in %.2fs: %d completed, %d handed back, %d abandoned",
+        seconds,
+        completed,
+        requeued,
+        abandoned,
+    )
+    try:
+        drain_finished.send(
+            sender=worker,
+            completed=completed,
+            requeued=requeued,
+            abandoned=abandoned,
+            seconds=seconds,
+        )
+    except Exception:
+        logger.exception("celery_ext: a drain_finished receiver failed")
+
+
+def _buffered_pool(pool: Any) -> Any:
+    """The prefork pool's billiard AsynPool (it buffers jobs not yet written), or None."""
+    inner = getattr(pool, "_pool", None)
+    return inner if hasattr(inner, "outbound_buffer") else None
+
+
+class _NotingFlush:
+    """Prefork's ``pool.flush``, noting first which tasks a child may already have.
+
+    A prefetched prefork task waits for a free child in the worker's semaphore
+    (or, once applied, in the pool's outbound buffer). As the consumer closes,
+    Celery clears the semaphore and flushes the pool, dropping the jobs not yet
+    accepted, and leaves their messages to come back when the connection
+    closes, after in-flight work. The drain requeues them at once, except a
+    job already scheduled for or being written to a child: that one may run.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self._pool, self._flush = pool, pool.flush
+        #: Requests reserved, not running, as the consumer closed.
+        self.unstarted: list[Any] = []
+        #: Ids of jobs a child has, or may get.
+        self.celery_ext_unsafe: set[str] = set()
+
+    def __call__(self) -> Any:
+        asyn = _buffered_pool(self._pool)
+        if asyn is not None:
+            self.celery_ext_unsafe = {
+                job.correlation_id
+                for job in list(asyn._cache.values())
+                if job._accepted
+                or getattr(job, "_write_to", None) is not None
+                or getattr(job, "_scheduled_for", None) is not None
+            }
+        return self._flush()
+
+
+def _note_unstarted_on_close(c: Any, flush: _NotingFlush) -> None:
+    """Note the reserved, not running requests before the consumer forgets them.
+
+    ``Consumer.on_close`` (the blueprint's close callback, before any step's
+    ``close``) clears the semaphore and keeps only running requests as reserved.
+    """
+    blueprint = getattr(c, "blueprint", None)
+    on_close = getattr(blueprint, "on_close", None)
+    if blueprint is None or on_close is None:
+        return
+
+    def noting_on_close() -> Any:
+        active = worker_state.active_requests
+        flush.unstarted = [r for r in list(worker_state.reserved_requests) if r not in active]
+        return on_close()
+
+    blueprint.on_close = noting_on_close
+
+
+def _requeue_unstarted(pool: Any) -> int:
+    """Requeue prefork's reserved requests that no child has or can get."""
+    asyn, flush = _buffered_pool(pool), getattr(pool, "flush", None)
+    if asyn is None or not isinstance(flush, _NotingFlush):
+        return 0
+    unsafe = set(flush.celery_ext_unsafe)
+    unsafe.update(str(getattr(job, "correlation_id", "")) for job in list(asyn._cache.values()))
+    unstarted, flush.unstarted = flush.unstarted, []
+    handed = 0
+    for request in unstarted:
+        if request.id not in unsafe and request not in worker_state.active_requests:
+            handed += _requeue(request)
+    return handed
+
+
+def _report_after_pool(
+    worker: Any, started_at: float, in_flight: int, requeued: int, abandoned: Callable[[], int]
+) -> None:
+    """Report the drain from ``worker_shutdown``: after the pool stopped, before the exit."""
+    uid = f"celery_ext.drain.report.{id(worker)}"
+
+    def report(sender: Any = None, **_: Any) -> None:
+        signals.worker_shutdown.disconnect(sender=worker, dispatch_uid=uid)
+        lost = abandoned()
+        if lost:
+            worker.exitcode = 1
+        _report(worker, started_at, max(0, in_flight - lost), requeued, lost)
+
+    signals.worker_shutdown.connect(report, sender=worker, weak=False, dispatch_uid=uid)
+
+
+class _PreforkDeadline:
+    """Enforces ``drain_timeout`` on prefork while the pool's own stop waits for children.
+
+    A thread sleeps until the deadline (or until the pool stopped): then
+    ``SIGUSR1`` (:class:`~celery_ext.errors.TaskTimeout` in the child) to every
+    child still running a task, :data:`GRACE_S`, then the tasks still running
+    are saved (requeued, or published again) and their children killed. The
+    report goes out from ``worker_shutdown``, once the pool has stopped.
+    """
+
+    def __init__(
+        self,
+        worker: Any,
+        pool: Any,
+        started_at: float,
+        timeout_s: float,
+        in_flight: int,
+        requeued: int,
+    ) -> None:
+        self.worker, self.pool = worker, pool
+        self.asyn = _buffered_pool(pool)
+        self.started_at, self.timeout_s = started_at, timeout_s
+        self.in_flight, self.requeued = in_flight, requeued
+        self.abandoned = 0
+        self.stopped = threading.Event()
+        self._uid = f"celery_ext.drain.{id(self)}"
+
+    def arm(self) -> None:
+        signals.worker_shutdown.connect(
+            self._on_shutdown, sender=self.worker, weak=False, dispatch_uid=self._uid
+        )
+        _report_after_pool(
+            self.worker, self.started_at, self.in_flight, self.requeued, lambda: self.abandoned
+        )
+        threading.Thread(target=self._watch, name="celery_ext-drain", daemon=True).start()
+
+    def _running(self) -> list[Any]:
+        return [r for r in requests_now(worker_state.active_requests) if r.worker_pid]
+
+    def _watch(self) -> None:
+        left = self.timeout_s - (time.monotonic() - self.started_at)
+        if self.stopped.wait(max(0.0, left)) or not self._running():
+            return
+        for request in self._running():
+            self._signal(request, getattr(signal, "SIGUSR1", signal.SIGTERM))
+        if self.stopped.wait(GRACE_S):
+            return
+        jobs = {
+            getattr(job, "correlation_id", None): job for job in list(self.asyn._cache.values())
+        }
+        for request in self._running():
+            self.abandoned += 1
+            job = jobs.get(request.id)
+            if job is not None:  # it runs again elsewhere: no WorkerLostError failure for it
+                job._error_callback = job._callback = None
+            _save(request)
+            self._signal(request, signal.SIGKILL)
+        self.worker.exitcode = 1
+
+    def _signal(self, request: Any, signum: int) -> None:
+        try:
+            self.pool.terminate_job(request.worker_pid, signum)
+        except Exception:  # the child may be gone already
+            logger.debug("celery_ext: could not signal %s", request.worker_pid, exc_info=True)
+
+    def _on_shutdown(self, sender: Any = None, **_: Any) -> None:
+        self.stopped.set()
+        signals.worker_shutdown.disconnect(sender=self.worker, dispatch_uid=self._uid)
+
+
+def _requeue(request: Any) -> int:
+    """Give a held, not started request's message back to the broker, now.
+
+    ``Request.reject`` goes through the event loop (``hub.call_soon``), which no
+    longer runs during a shutdown; the message is rejected directly instead.
+    """
+    message = getattr(request, "_message", None)
+    if request.acknowledged or message is None or message.acknowledged:
+        return 0
+    try:
+        message.reject(requeue=True)
+    except Exception:  # the connection may be gone: the broker restores it anyway
+        logger.debug("celery_ext: could not requeue %s", request.id, exc_info=True)
+        return 0
+    request.acknowledged = True
+    worker_state.task_ready(request)
+    return 1
+
+
+def _save(request: Any) -> None:
+    """A task still running at the deadline: requeue its message, or publish it again."""
+    if _requeue(request):  # acks_late: the message was still ours to return
+        return
+    try:  # early ack: the message is gone; a copy keeps the task (at-least-once)
+        request.task.signature_from_request(request._context).apply_async()
+    except Exception:
+        logger.error(
+            "celery_ext: %s[%s] was abandoned at the drain deadline and could not be "
+            "published again: %r",
+            request.name,
+            request.id,
+            request.info(),
+        )

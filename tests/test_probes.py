@@ -1,0 +1,67 @@
+"""Readiness and liveness probes of a real `celery worker` (HTTP on loopback, and a file)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import wait_for
+from tests.test_shutdown import Run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def probe(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            json.loads(response.read())
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0  # not listening (yet, or any more)
+
+
+@pytest.fixture
+def run(redis_url: str, unique_queue: str) -> Run:
+    r = Run(redis_url, redis_url, unique_queue)
+    r.env["CELERY_EXT_TEST_STALE_AFTER"] = "1"
+    yield r  # type: ignore[misc]
+    r.cleanup()
+
+
+def test_ready_and_live_over_http_through_a_stuck_loop_and_a_drain(
+    run: Run, tmp_path: Path
+) -> None:
+    port, ready_file = free_port(), tmp_path / "worker.ready"
+    run.start("--probe-port", str(port), "--probe-file", str(ready_file), "--drain-timeout", "30")
+    wait_for(lambda: probe(port, "/ready") == 200)
+    assert probe(port, "/live") == 200 and probe(port, "/nope") == 404
+    assert json.loads(ready_file.read_text())["ready"] is True
+
+    # A stuck event loop: liveness fails within the stale window, then recovers.
+    run.app.control.broadcast("block_loop", arguments={"seconds": 3.0}, reply=False)
+    wait_for(lambda: probe(port, "/live") == 503, timeout=5)
+    wait_for(lambda: probe(port, "/live") == 200, timeout=10)
+
+    # A drain: not ready while the in-flight task finishes, still alive.
+    run.send(0, 3.0)
+    wait_for(lambda: run.started() == {0})
+    assert run.proc is not None
+    run.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: probe(port, "/ready") == 503, timeout=5)
+    wait_for(lambda: not ready_file.exists(), timeout=2)  # removed as the drain starts
+    assert run.proc.poll() is None, "the worker should still be draining"
+    assert run.proc.wait(30) == 0
+    assert probe(port, "/ready") == 0  # the server went away with the worker
+    assert run.finished() == {0}

@@ -1,0 +1,167 @@
+"""Warm shutdown on a real `celery worker` (threads, prefork): hand back at once, drain, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from kombu import Connection
+
+from tests.helpers import wait_for
+
+ROOT = Path(__file__).parent.parent
+
+
+class Run:
+    """One `celery worker` subprocess on one broker, and the ledger of its tasks."""
+
+    def __init__(self, broker: str, ledger_url: str, queue: str, pool: str = "threads") -> None:
+        self.broker, self.queue, self.pool = broker, queue, pool
+        self.ledger = redis.Redis.from_url(ledger_url)
+        self.env = dict(
+            os.environ,
+            CELERY_EXT_TEST_BROKER=broker,
+            CELERY_EXT_TEST_QUEUE=queue,
+            CELERY_EXT_TEST_LEDGER=ledger_url,
+        )
+        self.app = Celery("drain_probe", broker=broker, set_as_current=False)
+        self.app.conf.update(task_default_queue=queue, task_ignore_result=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.hostname = f"drain-{uuid.uuid4().hex[:6]}@localhost"
+
+    def start(self, *options: str) -> None:
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "tests.apps.drain_app", "worker",
+            "-P", self.pool, "-c", "2", "-n", self.hostname, "-Q", self.queue, *options,
+            "--without-mingle", "--without-gossip", "-l", "WARNING",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT)
+        wait_for(lambda: self.app.control.ping(destination=[self.hostname], timeout=0.5), 30)
+
+    def send(self, n: int, seconds: float, stubborn: bool = False) -> None:
+        self.app.send_task("drain.work", (n, seconds, stubborn))
+
+    def depth(self) -> int:
+        with Connection(self.broker) as conn:
+            if conn.transport.driver_type == "redis":
+                return int(conn.default_channel.client.llen(self.queue))
+            return int(conn.default_channel.queue_declare(self.queue, passive=True).message_count)
+
+    def started(self) -> set[int]:
+        return {int(x) for x in self.ledger.smembers(f"{self.queue}.started")}
+
+    def finished(self) -> set[int]:
+        return {int(x) for x in self.ledger.smembers(f"{self.queue}.finished")}
+
+    def runs(self) -> dict[int, int]:
+        return {int(k): int(v) for k, v in self.ledger.hgetall(f"{self.queue}.runs").items()}
+
+    def reports(self) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.ledger.lrange(f"{self.queue}.drain", 0, -1)]
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for suffix in ("started", "finished", "drain", "runs"):
+            self.ledger.delete(f"{self.queue}.{suffix}")
+        # A killed worker's Redis leases: no later test's worker should recover them.
+        for key in self.ledger.scan_iter(f"celery_ext.lease.*:{self.hostname}:*"):
+            self.ledger.delete(key)
+        with Connection(self.broker) as conn:
+            channel = conn.default_channel
+            channel.queue_delete(self.queue)
+            if conn.transport.driver_type == "amqp":
+                channel.exchange_delete(self.queue)
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker(request: pytest.FixtureRequest, redis_url: str) -> str:
+    return redis_url if request.param == "redis" else str(request.getfixturevalue("amqp_url"))
+
+
+@pytest.fixture
+def run(
+    request: pytest.FixtureRequest, broker: str, redis_url: str, unique_queue: str
+) -> Iterator[Run]:
+    r = Run(broker, redis_url, unique_queue, request.param)
+    yield r
+    r.cleanup()
+
+
+@pytest.mark.parametrize("run", ["threads", "prefork"], indirect=True)
+def test_sigterm_hands_prefetched_work_back_at_once_and_exits_when_in_flight_ends(
+    run: Run,
+) -> None:
+    run.start("--drain-timeout", "30")
+    run.send(0, 3.0)
+    run.send(1, 3.0)
+    for n in range(2, 8):
+        run.send(n, 0.01)  # prefetched behind the two slow ones (window: 2 x 4)
+    wait_for(lambda: run.started() == {0, 1} and run.depth() == 0)
+    # The 6 quick ones are held by the worker, not started: two threads are busy.
+    assert run.proc is not None
+    sent_at = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: run.depth() == 6, timeout=5)
+    handed_back_s = time.monotonic() - sent_at
+    code = run.proc.wait(30)
+    exit_s = time.monotonic() - sent_at
+    assert handed_back_s < 1.0, handed_back_s
+    assert code == 0
+    assert run.depth() == 6  # the two finished ones were acked, not handed back too
+    assert run.finished() == {0, 1} and run.started() == {0, 1}  # nothing else ran
+    # In-flight remaining (< 3 s) plus exit overhead; prefork's own pool join adds
+    # ~1.5 s of fixed sleeps (billiard's supervisor, the shutdown timer thread).
+    assert exit_s < 3.0 + (1.5 if run.pool == "threads" else 3.0), exit_s
+    started, finished = run.reports()
+    assert started["event"] == "started" and finished["event"] == "finished"
+    assert (finished["completed"], finished["requeued"], finished["abandoned"]) == (2, 6, 0)
+
+
+@pytest.mark.parametrize("run", ["threads", "prefork", "gevent"], indirect=True)
+def test_at_the_deadline_stragglers_are_requeued_and_the_exit_status_says_so(run: Run) -> None:
+    run.start("--drain-timeout", "1")
+    run.send(0, 20.0, True)  # ignores TaskTimeout: still running after the grace
+    run.send(1, 20.0, True)
+    wait_for(lambda: run.started() == {0, 1} and run.depth() == 0)
+    assert run.proc is not None
+    sent_at = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    code = run.proc.wait(30)
+    exit_s = time.monotonic() - sent_at
+    assert code == 1
+    # deadline + grace + exit overhead (an idle stock gevent worker takes ~4 s to exit)
+    assert exit_s < 1.0 + 1.0 + (6.0 if run.pool == "gevent" else 3.0), exit_s
+    assert run.depth() == 2  # acks_late: both messages are back in the queue
+    assert run.finished() == set()
+    assert run.reports()[-1]["abandoned"] == 2
+
+
+@pytest.mark.parametrize("run", ["threads", "prefork"], indirect=True)
+def test_sigterm_under_load_loses_nothing_and_runs_nothing_twice(run: Run) -> None:
+    total = 200
+    run.start("--drain-timeout", "30")
+    for n in range(total):
+        run.send(n, 0.02)
+    wait_for(lambda: len(run.finished()) >= 20)
+    assert run.proc is not None
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(30) == 0
+    first = run.finished()
+    assert 0 < len(first) < total  # stopped mid-way
+    assert run.started() == first  # whatever started there, finished there
+    run.start()  # a second worker takes what the first handed back
+    wait_for(lambda: len(run.finished()) == total, timeout=60)
+    assert run.runs() == dict.fromkeys(range(total), 1)
