@@ -1,0 +1,18 @@
+"""An installed app for `celery worker` and `celery flower` subprocesses (tests/test_flower.py)."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+import celery_ext
+
+app = Celery(
+    "flower_app", broker=os.environ.get("CELERY_EXT_TEST_BROKER", "redis://127.0.0.1:6379/11")
+)
+app.conf.update(
+    task_default_queue=os.environ.get("CELERY_EXT_TEST_QUEUE", "celery"),
+    task_ignore_result=True,
+)
+celery_ext.install(app)

@@ -1,0 +1,215 @@
+"""The `celery_ext` section of `inspect stats`, Prometheus `/metrics` and `celery ext status`
+on real workers: embedded on the local lane, Redis and RabbitMQ; a prefork `celery worker`."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from prometheus_client.parser import text_string_to_metric_families
+
+import celery_ext
+from tests.helpers import broker_url, embedded_worker, inspect_stats, new_app, wait_for
+from tests.test_shutdown import ROOT, Run
+
+
+@pytest.fixture(params=["local", "redis", "amqp"])
+def app(request: pytest.FixtureRequest, unique_queue: str) -> Iterator[Celery]:
+    kind = request.param
+    app = new_app(broker_url(request, kind), unique_queue)
+    celery_ext.install(app, prefetch_limit=40, dead_letter_queue=f"{unique_queue}.dlq")
+    yield app
+    if kind != "local":
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(unique_queue)
+            conn.default_channel.queue_delete(f"{unique_queue}.dlq")
+            if kind == "amqp":
+                conn.default_channel.exchange_delete(unique_queue)
+
+
+def test_the_section_counts_outcomes_and_shows_limits_and_drain_state(app: Celery) -> None:
+    @app.task(shared=False, name=f"m.ok.{uuid.uuid4().hex[:6]}")
+    def ok() -> str:
+        return "ok"
+
+    @app.task(shared=False, name=f"m.bad.{uuid.uuid4().hex[:6]}")
+    def bad() -> None:
+        raise ValueError("bad")
+
+    @app.task(shared=False, name=f"m.slow.{uuid.uuid4().hex[:6]}", soft_timeout=0.2, timeout=5)
+    def slow() -> None:
+        time.sleep(3)
+
+    with embedded_worker(app) as w:
+        for _ in range(3):
+            assert ok.delay().get(timeout=20) == "ok"
+        for task in (bad, slow):
+            with pytest.raises(Exception):  # noqa: B017 - ValueError, TaskTimeout
+                task.delay().get(timeout=20)
+
+        def section() -> dict[str, Any]:
+            found: dict[str, Any] = inspect_stats(app, w.hostname)["celery_ext"]
+            return found
+
+        wait_for(lambda: section()["tasks"]["failed"] == 2)
+        found = section()
+    assert found["tasks"] == {
+        "succeeded": 3,
+        "failed": 2,
+        "retried": 0,
+        "dead_lettered": 0,
+        "soft_timeouts": 1,
+        "hard_timeouts": 0,
+    }
+    assert found["prefetch_limit"] == 40 and found["held"] == 0 and found["active"] == 0
+    assert found["drain"]["state"] == "running" and found["drain"]["drain_timeout_s"] > 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "worker"))): (
+            sample.value
+        )
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_prefork_metrics_and_status_count_what_the_children_ran(
+    redis_url: str, unique_queue: str
+) -> None:
+    run = Run(redis_url, redis_url, unique_queue, "prefork")
+    port = free_port()
+    try:
+        run.start("--metrics-port", str(port), "--prefetch-limit", "30", "--time-limit", "60")
+        section = inspect_stats(run.app, run.hostname)["celery_ext"]
+        assert section["timeouts"] == {"time_limit": 60.0, "soft_time_limit": None}
+        before = scrape(port)
+        assert before[("celery_ext_prefetch_limit", ())] == 30
+        assert before[("celery_ext_tasks_total", (("outcome", "succeeded"),))] == 0
+        assert before[("celery_ext_draining", ())] == 0
+        for n in range(5):
+            run.send(n, 0.01)
+        succeeded = ("celery_ext_tasks_total", (("outcome", "succeeded"),))
+        wait_for(lambda: scrape(port)[succeeded] == 5)
+        env = dict(run.env)
+        status = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "tests.apps.drain_app", "ext", "status"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stderr
+        header, *lines = status.stdout.splitlines()
+        assert header.split()[:3] == ["WORKER", "HELD/LIMIT", "RUNNING"]
+        mine = [line.split() for line in lines if line.startswith(run.hostname)]
+        assert mine and mine[0][1] == "0/30" and mine[0][5] == "5" and mine[0][-1] == "running"
+    finally:
+        run.cleanup()
+
+
+def test_soft_timeouts_and_dead_letters_are_sent_as_events(app: Celery, unique_queue: str) -> None:
+    app.conf.worker_send_task_events = True
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+    done = threading.Event()
+
+    def listen() -> None:
+        with app.connection_for_read() as conn:
+            receiver = app.events.Receiver(conn, handlers={"*": seen.append})
+            ready.set()
+            while not done.is_set():
+                try:  # capture ends at the first quiet half second: go on until done
+                    for _ in receiver.itercapture(limit=None, timeout=0.5, wakeup=False):
+                        if done.is_set():
+                            return
+                except TimeoutError:
+                    continue
+
+    @app.task(shared=False, name=f"m.slow.{uuid.uuid4().hex[:6]}", soft_timeout=0.2, timeout=5)
+    def slow() -> None:
+        time.sleep(3)
+
+    @app.task(shared=False, name=f"m.dead.{uuid.uuid4().hex[:6]}")
+    @celery_ext.retry(attempts=1)
+    def doomed() -> None:
+        raise ValueError("no")
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        assert ready.wait(10)
+        with embedded_worker(app):
+            slow_id, doomed_id = slow.delay().id, doomed.delay().id
+
+            def by_type(kind: str, task_id: str) -> list[dict[str, Any]]:
+                return [e for e in seen if e["type"] == kind and e.get("uuid") == task_id]
+
+            wait_for(lambda: by_type("task-soft-timeout", slow_id), timeout=20)
+            wait_for(lambda: by_type("task-dead-lettered", doomed_id), timeout=20)
+    finally:
+        done.set()
+        listener.join(5)
+    assert by_type("task-soft-timeout", slow_id)[0]["limit"] == 0.2
+    dead = by_type("task-dead-lettered", doomed_id)[0]
+    assert dead["reason"] == "attempts" and dead["attempts"] == 1
+    assert dead["queue"] == f"{unique_queue}.dlq"
+
+
+def test_a_drain_is_sent_as_worker_events(redis_url: str, unique_queue: str) -> None:
+    run = Run(redis_url, redis_url, unique_queue)
+    seen: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def listen() -> None:
+        with run.app.connection_for_read() as conn:
+            receiver = run.app.events.Receiver(conn, handlers={"*": seen.append})
+            while not done.is_set():
+                try:
+                    for _ in receiver.itercapture(limit=None, timeout=0.5, wakeup=False):
+                        if done.is_set():
+                            return
+                except TimeoutError:
+                    continue
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        run.start("-E", "--drain-timeout", "20")
+        run.send(0, 1.0)
+        wait_for(lambda: run.started() == {0})
+        assert run.proc is not None
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.proc.wait(30) == 0
+
+        def of(kind: str) -> list[dict[str, Any]]:
+            return [e for e in seen if e["type"] == kind and e.get("hostname") == run.hostname]
+
+        wait_for(lambda: of("worker-celery_ext-drain-finished"), timeout=10)
+    finally:
+        done.set()
+        listener.join(5)
+        run.cleanup()
+    assert of("worker-celery_ext-drain-started")[0]["drain_timeout_s"] == 20
+    finished = of("worker-celery_ext-drain-finished")[0]
+    assert (finished["completed"], finished["requeued"], finished["abandoned"]) == (1, 0, 0)
