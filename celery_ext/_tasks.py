@@ -1,0 +1,79 @@
+"""celery_ext's task options, applied as each task is bound (a ``task_annotations`` entry).
+
+``timeout``/``soft_timeout`` (:mod:`celery_ext.timeouts`), ``async def`` bodies
+(:mod:`celery_ext.aio`) and retry policies (:mod:`celery_ext.retry`) are set on
+the task class when Celery binds it, so a bad value fails where the task is
+created, naming it. The entry returns no annotation of its own, so the app's
+own ``task_annotations`` still apply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from . import _retrying, durability, timeouts
+
+__all__ = ["TaskOptions", "add_task_options", "apply_all", "apply_task_options"]
+
+_STOCK_REQUEST = "celery.worker.request:Request"
+
+
+def apply_task_options(task: Any) -> None:
+    """Apply every celery_ext option of ``task`` (class or instance); idempotent.
+
+    Example::
+
+        apply_task_options(app.tasks["shop.export"])
+    """
+    timeouts.apply_task_options(task)  # first: it may wrap an async body
+    cls: Any = task if isinstance(task, type) else type(task)
+    if cls.Request == _STOCK_REQUEST:  # a custom Request class stays (uncounted)
+        cls.Request = "celery_ext.metrics:CountingRequest"
+    _retrying.apply_task_options(task)
+    durability.apply_task_options(task)
+
+
+def apply_all(app: Celery) -> None:
+    """:func:`apply_task_options` for every task of a finalized ``app``.
+
+    Example::
+
+        apply_all(app)
+    """
+    for task in list(app.tasks.values()):
+        apply_task_options(task)
+
+
+class TaskOptions:
+    """The ``task_annotations`` entry ``install(app)`` puts first.
+
+    Example::
+
+        app.conf.task_annotations   # [<celery_ext task options>, ...]
+    """
+
+    def annotate(self, task: Any) -> None:
+        apply_task_options(task)
+
+    def __repr__(self) -> str:
+        return "<celery_ext task options>"
+
+
+def add_task_options(app: Celery) -> None:
+    """Apply celery_ext options to the tasks ``app`` has and will create (``install``).
+
+    Example::
+
+        add_task_options(app)
+    """
+    annotations = app.conf.task_annotations
+    if annotations is None:
+        annotations = []
+    elif not isinstance(annotations, (list, tuple)):
+        annotations = [annotations]
+    app.conf.task_annotations = [TaskOptions(), *annotations]
+    app.__dict__.pop("annotations", None)  # Celery caches the prepared list
+    if app.finalized:
+        apply_all(app)
