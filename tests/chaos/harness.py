@@ -1,0 +1,419 @@
+"""Chaos runs: real workers SIGTERMed and SIGKILLed at random, the broker cut once, a ledger.
+
+:func:`run_chaos` publishes ``tasks`` acks_late jobs (``tests.apps.chaos_app``)
+and runs ``workers`` ``celery worker`` subprocesses on them. While they work,
+it repeatedly picks a live worker and sends it SIGTERM (a warm drain) or SIGKILL,
+then starts a replacement; once, at about a third of the way, it cuts every
+broker connection: on Redis by restarting a test-owned ``redis-server`` (own
+port, append-only file, so queued messages survive), on RabbitMQ through a
+test-owned TCP proxy that drops all its connections. The shared servers are
+never touched. Then it lets the workers finish and compares the ledger (a set
+and a hash on the shared Redis) with what was published:
+``lost`` ids never completed, ``duplicates`` extra runs (at-least-once).
+
+Used by ``tests/chaos`` (bounded sizes) and ``benchmarks/chaos_soak.py``.
+
+Example::
+
+    result = run_chaos("redis", tasks=2000)
+    print(result.line())   # lost=0 duplicates=3 ...
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+from celery import Celery
+
+ROOT = Path(__file__).resolve().parents[2]
+LEDGER_URL = "redis://127.0.0.1:6379/11"
+AMQP = ("127.0.0.1", 5672)
+_RESET = (1).to_bytes(4, "little") + (0).to_bytes(4, "little")  # SO_LINGER on, 0 s: close = RST
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ChaosResult:
+    """What a chaos run did and what the ledger says."""
+
+    broker: str
+    tasks: int
+    done: int = 0
+    runs: int = 0
+    terms: int = 0
+    kills: int = 0
+    cuts: int = 0
+    seconds: float = 0.0
+    exit_codes: list[int] = field(default_factory=list)
+    longest_drain_s: float = 0.0  # SIGTERM to exit, over the workers drained during the run
+    broker_state: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def lost(self) -> int:
+        return self.tasks - self.done
+
+    @property
+    def duplicates(self) -> int:
+        return self.runs - self.done
+
+    def line(self) -> str:
+        return (
+            f"lost={self.lost} duplicates={self.duplicates} broker={self.broker} "
+            f"tasks={self.tasks} sigterm={self.terms} sigkill={self.kills} "
+            f"broker_cuts={self.cuts} seconds={self.seconds:.1f} "
+            f"longest_drain_s={self.longest_drain_s:.1f}"
+            + "".join(f" {k}={v}" for k, v in self.broker_state.items())
+        )
+
+
+class TcpProxy:
+    """A TCP forwarder to RabbitMQ that can drop every connection at once.
+
+    Example::
+
+        with TcpProxy(("127.0.0.1", 5672)) as proxy:
+            url = f"amqp://guest:guest@127.0.0.1:{proxy.port}//"
+            proxy.cut()   # every client sees its connection reset
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._refusing = threading.Event()
+        self._closed = False
+
+    def __enter__(self) -> TcpProxy:
+        threading.Thread(target=self._accept, daemon=True, name="chaos-proxy").start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed = True
+        self._server.close()
+        self.cut()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if self._refusing.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            with self._lock:
+                self._sockets -= {src, dst}
+
+    def cut(self, refuse_s: float = 0.0) -> None:
+        """Reset every connection; refuse new ones for ``refuse_s`` seconds."""
+        if refuse_s:
+            self._refusing.set()
+            threading.Timer(refuse_s, self._refusing.clear).start()
+        with self._lock:
+            sockets, self._sockets = set(self._sockets), set()
+        for s in sockets:
+            with suppress(OSError):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            with suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+class OwnRedis:
+    """A test-owned ``redis-server`` on a free port with an fsynced append-only file.
+
+    Example::
+
+        with OwnRedis() as server:
+            server.restart()   # clients lose their connections; the data stays
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="celery_ext_chaos_redis_")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not on PATH")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            # SIGTERM: Redis fsyncs the append-only file and exits.
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+            self.proc = None
+
+    def restart(self, down_s: float = 1.0) -> None:
+        self.stop()
+        time.sleep(down_s)  # the outage itself: clients see refused connections meanwhile
+        self.start()
+
+    def __enter__(self) -> OwnRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with suppress(Exception):
+            self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Workers:
+    """``celery worker`` subprocesses of ``tests.apps.chaos_app``, replaced as they die."""
+
+    def __init__(self, env: dict[str, str], queue: str, logdir: Path, pool: str, concurrency: int):
+        self.env, self.queue, self.logdir = env, queue, logdir
+        self.pool, self.concurrency = pool, concurrency
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.born: dict[int, float] = {}
+        # A second SIGTERM is Celery's cold shutdown (exit status 1), so a worker
+        # gets at most one; a draining worker is replaced at once, not at its exit.
+        self.termed: dict[int, float] = {}  # pid -> when SIGTERM was sent
+        self.drains: dict[int, float] = {}  # pid -> seconds from SIGTERM to exit
+        self._started = 0
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self._started += 1
+        n = self._started
+        log = open(self.logdir / f"worker{n}.log", "wb")  # noqa: SIM115 (kept by the process)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.apps.chaos_app", "worker",
+             "-P", self.pool, "-c", str(self.concurrency), "-Q", self.queue,
+             "-n", f"chaos{n}.{self.queue}@%h", "-l", "WARNING",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.procs.append(proc)
+        self.born[proc.pid] = time.monotonic()
+        return proc
+
+    def live(self, min_age_s: float = 0.0) -> list[subprocess.Popen[bytes]]:
+        """Running workers at least ``min_age_s`` old that have not been sent SIGTERM."""
+        now = time.monotonic()
+        return [
+            p for p in self.procs
+            if p.poll() is None and p.pid not in self.termed and now - self.born[p.pid] >= min_age_s
+        ]  # fmt: skip
+
+    def term(self, proc: subprocess.Popen[bytes]) -> None:
+        self.termed[proc.pid] = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+
+    def note_exits(self) -> None:
+        """Record how long each drained worker took to exit (to within one poll)."""
+        for proc in self.procs:
+            if proc.pid in self.termed and proc.pid not in self.drains and proc.poll() is not None:
+                self.drains[proc.pid] = time.monotonic() - self.termed[proc.pid]
+
+    def stop_all(self, timeout: float = 30) -> list[int]:
+        for proc in self.live():
+            self.term(proc)
+        codes = []
+        for proc in self.procs:
+            try:
+                codes.append(proc.wait(timeout=timeout))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(proc.wait())
+        return codes
+
+
+@contextmanager
+def _broker(kind: str) -> Iterator[tuple[str, OwnRedis | TcpProxy]]:
+    if kind == "redis":
+        with OwnRedis() as server:
+            yield server.url, server
+    elif kind == "amqp":
+        with TcpProxy(AMQP) as proxy:
+            yield f"amqp://guest:guest@127.0.0.1:{proxy.port}//", proxy
+    else:
+        raise ValueError(kind)
+
+
+def _publish(url: str, queue: str, tasks: int) -> None:
+    app = Celery("chaos_producer", broker=url, set_as_current=False)
+    app.conf.update(task_default_queue=queue, task_ignore_result=True)
+    with app.producer_or_acquire() as producer:
+        for n in range(tasks):
+            app.send_task("chaos.work", args=[n], producer=producer)
+    app.close()
+
+
+def _cleanup_amqp(queue: str) -> None:
+    from kombu import Connection
+
+    with Connection(f"amqp://guest:guest@{AMQP[0]}:{AMQP[1]}//") as conn:
+        channel = conn.default_channel
+        channel.queue_delete(queue)
+        channel.exchange_delete(queue)
+
+
+def run_chaos(
+    kind: str,
+    tasks: int = 2000,
+    workers: int = 2,
+    concurrency: int = 4,
+    pool: str = "threads",
+    chaos_until: float = 0.8,
+    chaos_s: float = 60.0,
+    every_s: tuple[float, float] = (1.0, 3.0),
+    min_age_s: float = 3.0,
+    seed: int | None = None,
+    deadline_s: float = 240.0,
+    faults: tuple[str, ...] = ("term", "kill", "cut"),
+    min_faults: int = 3,
+    stock: bool = False,
+    log: bool = True,
+) -> ChaosResult:
+    """Run one chaos round on ``kind`` ("redis" or "amqp"); see the module docstring.
+
+    A fault every ``every_s`` seconds (random in the range) hits a worker at
+    least ``min_age_s`` old; faults stop once ``chaos_until`` of the tasks are
+    done and at least ``min_faults`` workers were hit, or after ``chaos_s``;
+    the run then waits up to ``deadline_s`` (from the start) for the rest.
+    """
+    rng = random.Random(seed)
+    queue = f"celery_ext.chaos.{uuid.uuid4().hex[:8]}"
+    ledger = redis.Redis.from_url(LEDGER_URL)
+    result = ChaosResult(kind, tasks)
+    logdir = Path(tempfile.mkdtemp(prefix="celery_ext_chaos_"))
+    say = print if log else (lambda *a, **k: None)
+    started = time.monotonic()
+    try:
+        with _broker(kind) as (url, fault):
+            env = {
+                **os.environ,
+                "CELERY_EXT_CHAOS_BROKER": url,
+                "CELERY_EXT_CHAOS_QUEUE": queue,
+                "CELERY_EXT_CHAOS_LEDGER": LEDGER_URL,
+                "PYTHONPATH": str(ROOT),
+                "CELERY_EXT_CHAOS_STOCK": "1" if stock else "0",
+            }
+            _publish(url, queue, tasks)  # all queued first: the faults hit a busy run
+            pool_ = Workers(env, queue, logdir, pool, concurrency)
+            for _ in range(workers):
+                pool_.start()
+
+            def done() -> int:
+                return int(ledger.scard(f"{queue}.done"))
+
+            cut_at = tasks // 3
+            next_fault = time.monotonic() + rng.uniform(*every_s)
+            while (n := done()) < tasks and time.monotonic() - started < deadline_s:
+                now = time.monotonic()
+                hits = result.terms + result.kills
+                chaos = (n < tasks * chaos_until or hits < min_faults) and now - started < chaos_s
+                if chaos and now >= next_fault:
+                    if "cut" in faults and not result.cuts and n >= cut_at:
+                        say(f"chaos: cutting the broker at {n}/{tasks}")
+                        if isinstance(fault, OwnRedis):
+                            fault.restart()
+                        else:
+                            fault.cut(refuse_s=1.0)
+                        result.cuts += 1
+                    else:
+                        live = pool_.live(min_age_s)  # a worker gets to start first
+                        kinds = [f for f in faults if f != "cut"]
+                        victim = rng.choice(live) if live and kinds else None
+                        if victim is not None:
+                            if rng.choice(kinds) == "term":
+                                pool_.term(victim)
+                                result.terms += 1
+                                say(f"chaos: SIGTERM pid {victim.pid} at {n}/{tasks}")
+                            else:
+                                victim.kill()
+                                result.kills += 1
+                                say(f"chaos: SIGKILL pid {victim.pid} at {n}/{tasks}")
+                    next_fault = now + rng.uniform(*every_s)
+                # Keep `workers` alive: a drained or killed worker is replaced at once.
+                while len(pool_.live()) < workers:
+                    pool_.start()
+                pool_.note_exits()
+                time.sleep(0.05)
+            result.seconds = time.monotonic() - started
+            result.longest_drain_s = max(pool_.drains.values(), default=0.0)
+            result.exit_codes = pool_.stop_all()
+            result.done = done()
+            result.runs = sum(int(v) for v in ledger.hvals(f"{queue}.runs"))
+            if result.lost and isinstance(fault, OwnRedis):
+                client = redis.Redis(port=fault.port)
+                result.broker_state = {
+                    "queued": int(client.llen(queue)),
+                    "unacked": int(client.hlen("unacked")),
+                }
+    finally:
+        ledger.delete(f"{queue}.done", f"{queue}.runs")
+        if kind == "amqp":
+            with suppress(Exception):
+                _cleanup_amqp(queue)
+        if result.lost or log:
+            print(f"chaos: worker logs in {logdir}")
+        else:
+            shutil.rmtree(logdir, ignore_errors=True)
+    return result
