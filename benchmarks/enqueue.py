@@ -108,6 +108,7 @@ def cleanup(broker: str, url: str, queues: list[str]) -> None:
     with Connection(url) as conn:
         for queue in queues:
             conn.default_channel.queue_delete(queue)
+            conn.default_channel.exchange_delete(queue)  # Celery's, named after the queue
 
 
 def table(res: dict[str, Any]) -> str:
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--brokers", nargs="+", choices=sorted(URLS), default=["redis", "amqp"])
     parser.add_argument("--redis-url", default=URLS["redis"])
     parser.add_argument("--amqp-url", default=URLS["amqp"])
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", "--json", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     n = 2000 if args.quick else args.messages
     logging.basicConfig(level=logging.WARNING)

@@ -39,6 +39,10 @@ from celery import Celery
 from kombu import Connection
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._cleanup import forget_redis_queue  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 REDIS = "redis://127.0.0.1:6379/12"
 BROKERS = {"redis": REDIS, "amqp": "amqp://guest:guest@127.0.0.1:5672//"}
@@ -59,7 +63,7 @@ def waiting(conn: Connection, queue: str) -> int:
     return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
 
 
-def parked(conn: Connection, queue: str) -> int:
+def parked(conn: Connection, queue: str, prefix: str) -> int:
     if conn.transport.driver_type == "redis":
         from celery_ext.delays import RedisParking
 
@@ -68,13 +72,15 @@ def parked(conn: Connection, queue: str) -> int:
         from celery_ext.delays import AmqpParking  # type: ignore[attr-defined]
     except ImportError:
         return 0
-    return int(AmqpParking(conn.default_channel).parked(queue))
+    return int(AmqpParking(conn.default_channel, prefix=prefix).parked(queue))
 
 
 def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     queue = f"flood.{variant}.{uuid.uuid4().hex[:6]}"
     broker = BROKERS[args.broker]
+    prefix = f"flood_{uuid.uuid4().hex[:8]}"  # this run's own RabbitMQ delay queues
     env = dict(os.environ, FLOOD_BROKER=broker, FLOOD_QUEUE=queue, FLOOD_VARIANT=variant)
+    env["FLOOD_PARK_PREFIX"] = prefix
     env["FLOOD_RESULTS"] = REDIS
     results = redis.Redis.from_url(REDIS)
     app = Celery("flood-producer", broker=broker, set_as_current=False)
@@ -82,7 +88,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     if variant == "celery_ext":
         import celery_ext
 
-        celery_ext.install(app)  # producers park far ETAs themselves (Redis)
+        celery_ext.install(app, park_prefix=prefix)  # producers park far ETAs themselves
     name = f"flood-{variant}-{uuid.uuid4().hex[:4]}@localhost"
     cmd = [
         *(sys.executable, "-m", "celery", "-A", "benchmarks.flood_app", "worker"),
@@ -103,7 +109,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
             def sample() -> None:
                 while not stop.is_set():
                     done = int(results.llen(f"{queue}.latency"))
-                    held = published[0] - waiting(conn, queue) - parked(conn, queue) - done
+                    held = published[0] - waiting(conn, queue) - parked(conn, queue, prefix) - done
                     samples.append((time.monotonic(), rss_mb(worker.pid), max(0, held)))
                     stop.wait(0.5)
 
@@ -154,8 +160,14 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
             if conn.transport.driver_type == "redis":
                 channel.client.delete(queue, f"celery_ext.parked:{queue}")
                 channel.client.hdel("celery_ext.parked", f"celery_ext.parked:{queue}")
+                forget_redis_queue(channel.client, queue, [name])
             else:
                 channel.queue_delete(queue)
+                channel.exchange_delete(queue)
+                # Parked messages would wait an hour on the shared server: drop ours.
+                from celery_ext.delays import AmqpParking
+
+                AmqpParking(channel, prefix=prefix).delete()
         results.delete(f"{queue}.latency")
 
 
@@ -186,13 +198,15 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="wait for ready tasks (s)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--quick", action="store_true", help="10,000 ETA + 200 ready")
+    parser.add_argument("--json", type=Path, help="results file (default: results/)")
     args = parser.parse_args()
     if args.quick:
         args.eta, args.ready = 10_000, 200
     rows = [run_variant(args, v) for v in args.variants.split(",")]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"eta_flood_{args.broker}.json"
-    out.write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2) + "\n")
+    out = args.json or RESULTS / f"eta_flood_{args.broker}.json"
+    config = {k: v for k, v in vars(args).items() if k != "json"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": config, "rows": rows}, indent=2) + "\n")
     print(f"broker: {args.broker}\n\n{table(rows)}\n\nwrote {out}")
 
 

@@ -1,6 +1,7 @@
 """The app `benchmarks/eta_flood.py` runs `celery worker` on (configured from the environment).
 
-FLOOD_BROKER, FLOOD_QUEUE, FLOOD_RESULTS (Redis URL for latency samples), FLOOD_VARIANT:
+FLOOD_BROKER, FLOOD_QUEUE, FLOOD_PARK_PREFIX (RabbitMQ delay queues of this run),
+FLOOD_RESULTS (Redis URL for latency samples), FLOOD_VARIANT:
 ``stock``, ``stock-eta-limit`` (worker_eta_task_limit=1000) or ``celery_ext``.
 """
 
@@ -24,7 +25,7 @@ app.conf.update(
 if variant == "stock-eta-limit":
     app.conf.worker_eta_task_limit = 1000
 if variant == "celery_ext":
-    celery_ext.install(app)
+    celery_ext.install(app, park_prefix=os.environ.get("FLOOD_PARK_PREFIX", "celery_ext"))
 
 _results = redis.Redis.from_url(os.environ.get("FLOOD_RESULTS", "redis://127.0.0.1:6379/12"))
 _key = f"{app.conf.task_default_queue}.latency"

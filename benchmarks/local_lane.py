@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--idle-seconds", type=float, default=5.0, help="idle CPU window")
     parser.add_argument("--latency-samples", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="small N for a smoke run")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", "--json", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks, args.slow_tasks, args.idle_seconds, args.latency_samples = 500, 16, 1.0, 50

@@ -18,12 +18,47 @@ import typing
 import click
 import kombu.transport
 
-from . import _settings, backpressure, bounds, local
+from . import (
+    _settings,
+    _tasks,
+    backpressure,
+    bounds,
+    durability,
+    intake,
+    leases,
+    local,
+    metrics,
+    probes,
+    shutdown,
+    sizes,
+    timeouts,
+)
 from ._settings import Settings, settings_of
 from .bounds import enqueue_many
-from .errors import CeleryExtError, ConfigurationError, LaneNotInstalled, QueueFull
+from .deadletter import DeadLetters
+from .errors import (
+    CeleryExtError,
+    ConfigurationError,
+    LaneNotInstalled,
+    MessageTooLarge,
+    QueueFull,
+    RetryAfter,
+    RetryScheduled,
+    TaskTimeout,
+)
 from .local import DrainReport, LocalWorker
 from .observability import start_flower
+from .retry import (
+    RetryPolicy,
+    RetryState,
+    attempts,
+    deadline,
+    exponential,
+    fixed,
+    linear,
+    retry,
+)
+from .timeouts import remaining, timeout
 
 if typing.TYPE_CHECKING:
     from typing import Any
@@ -33,21 +68,46 @@ if typing.TYPE_CHECKING:
 __all__ = [
     "CeleryExtError",
     "ConfigurationError",
+    "DeadLetters",
     "DrainReport",
     "LaneNotInstalled",
     "LocalWorker",
+    "MessageTooLarge",
     "QueueFull",
+    "RetryAfter",
+    "RetryPolicy",
+    "RetryScheduled",
+    "RetryState",
     "Settings",
+    "TaskTimeout",
     "__version__",
+    "attempts",
+    "deadline",
     "enqueue_many",
+    "exponential",
+    "fixed",
     "install",
+    "linear",
+    "remaining",
+    "retry",
     "settings_of",
     "start_flower",
+    "timeout",
 ]
 
 __version__ = "0.1.0"
 
 _STOCK_AMQP = "celery.app.amqp:AMQP"
+
+#: ``celery worker`` options install() adds: flag, type, help.
+_WORKER_OPTIONS: tuple[tuple[str, Any, str], ...] = (
+    ("--prefetch-limit", click.IntRange(min=1), "most messages this worker holds at once."),
+    ("--prefetch-bytes", click.IntRange(min=1), "most message body bytes held at once."),
+    ("--drain-timeout", click.FloatRange(min=0), "seconds a warm shutdown waits for tasks."),
+    ("--probe-port", click.IntRange(0, 65535), "serve /ready and /live on 127.0.0.1:PORT."),
+    ("--probe-file", click.STRING, "keep FILE while ready, refreshed at every loop beat."),
+    ("--metrics-port", click.IntRange(0, 65535), "serve Prometheus /metrics on 127.0.0.1:PORT."),
+)
 
 
 def install(app: Celery, **overrides: Any) -> Settings:
@@ -80,17 +140,22 @@ def install(app: Celery, **overrides: Any) -> Settings:
     options[local.LANES_OPTION] = local.Lanes(settings)
     app.conf.broker_transport_options = options
     app.steps["worker"].add(local.LaneGuard)
+    app.steps["worker"].add(timeouts.Timeouts)
+    app.steps["worker"].add(durability.LaneWorker)
+    timeouts.connect_signals()
+    _tasks.add_task_options(app)
     app.steps["consumer"].add(backpressure.Backpressure)
-    app.user_options["worker"].add(
-        click.Option(
-            ["--prefetch-limit"],
-            type=click.IntRange(min=1),
-            default=None,
-            help="celery_ext: most messages this worker holds at once (ready + ETA).",
-        )
-    )
+    app.steps["consumer"].add(shutdown.Drain)
+    app.steps["consumer"].add(probes.Probes)
+    app.steps["consumer"].add(leases.Leases)
+    app.steps["consumer"].add(metrics.Section)
+    app.steps["consumer"].add(intake.Intake)
+    for flag, kind, help_text in _WORKER_OPTIONS:  # each reaches the steps as a keyword
+        option = click.Option([flag], type=kind, default=None, help=f"celery_ext: {help_text}")
+        app.user_options["worker"].add(option)
     if app.amqp_cls == _STOCK_AMQP and "amqp" not in app.__dict__:
         app.amqp_cls = "celery_ext.local:LaneAMQP"  # a faster publish path on local://
     bounds.setup(app, settings)
+    sizes.setup(app, settings)  # after bounds chose the transports it checks on
     _settings.remember(app, settings)
     return settings

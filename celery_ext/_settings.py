@@ -30,14 +30,39 @@ __all__ = ["PREFIX", "Settings", "settings_of"]
 
 PREFIX = "celery_ext_"
 
-FullPolicy = Literal["block", "raise"]
-QueuePolicy = Literal["block", "raise", "shed"]
-_POLICIES: tuple[str, ...] = ("block", "raise")
+FullPolicy = Literal["block", "raise", "shed"]
+_POLICIES: tuple[str, ...] = ("block", "raise", "shed")
 
 
 def _positive_int(key: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{PREFIX}{key}={value!r}: expected an integer >= 1")
+    return value
+
+
+def _optional_positive_int(key: str, value: object) -> int | None:
+    return None if value is None else _positive_int(key, value)
+
+
+def _queue_name(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{PREFIX}{key}={value!r}: expected a queue name")
+    return value
+
+
+def _optional_port(key: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ConfigurationError(f"{PREFIX}{key}={value!r}: expected a port 0..65535 or None")
+    return value
+
+
+def _optional_path(key: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{PREFIX}{key}={value!r}: expected a file path or None")
     return value
 
 
@@ -69,14 +94,6 @@ def _policy(key: str, value: object) -> str:
     return str(value)
 
 
-def _queue_policy(key: str, value: object) -> str:
-    if value not in _QUEUE_POLICIES:
-        raise ConfigurationError(
-            f"{PREFIX}{key}={value!r}: expected one of {', '.join(map(repr, _QUEUE_POLICIES))}"
-        )
-    return str(value)
-
-
 def _queue_limits(key: str, value: object) -> dict[str, int]:
     if not isinstance(value, Mapping):
         raise ConfigurationError(f"{PREFIX}{key}={value!r}: expected a mapping queue name -> int")
@@ -88,21 +105,31 @@ def _queue_limits(key: str, value: object) -> dict[str, int]:
     return limits
 
 
-_QUEUE_POLICIES: tuple[str, ...] = ("block", "raise", "shed")
-
 _CHECKS = {
     "lane_max_queued": _positive_int,
     "lane_full_policy": _policy,
     "lane_block_timeout": _duration,
+    "lane_concurrency": _positive_int,
     "drain_timeout": _duration,
     "prefetch_limit": _positive_int,
-    "eta_buffer": _positive_int,
+    "prefetch_bytes": _optional_positive_int,
+    "eta_buffer": _optional_positive_int,
     "eta_horizon": _duration,
     "park_interval": _duration,
     "park_on_publish": _bool,
+    "park_prefix": _queue_name,
     "queue_limits": _queue_limits,
-    "queue_full_policy": _queue_policy,
+    "queue_full_policy": _policy,
     "queue_block_timeout": _duration,
+    "dead_letter_queue": _queue_name,
+    "max_message_bytes": _optional_positive_int,
+    "probe_port": _optional_port,
+    "probe_file": _optional_path,
+    "probe_stale_after": _duration,
+    "metrics_port": _optional_port,
+    "leases": _bool,
+    "lease_interval": _duration,
+    "dead_worker_after": _duration,
 }
 
 
@@ -114,21 +141,49 @@ class Settings:
 
     - ``lane_max_queued``: messages one local-lane queue holds before it is full.
     - ``lane_full_policy``: ``"block"`` (wait up to ``lane_block_timeout``, then
-      raise) or ``"raise"`` (:class:`~celery_ext.errors.QueueFull` at once).
+      raise), ``"raise"`` (:class:`~celery_ext.errors.QueueFull` at once) or
+      ``"shed"`` (drop and count) when a local-lane queue holds ``lane_max_queued``.
     - ``lane_block_timeout``: seconds a blocked publish waits for room.
-    - ``drain_timeout``: seconds an embedded worker's ``stop()`` waits for queued
-      and running work before giving up and reporting what was dropped.
+    - ``lane_concurrency``: threads of the lane worker a ``celery worker`` starts
+      for ``durable=False`` tasks (see :mod:`celery_ext.durability`).
+    - ``drain_timeout``: seconds a warm shutdown waits for running tasks
+      (``celery worker --drain-timeout``; see :mod:`celery_ext.shutdown`), and an
+      embedded worker's ``stop()`` for queued and running work.
     - ``prefetch_limit``: messages one worker holds at once (ready, reserved and
       ETA-waiting); the broker QoS never exceeds it (nor 65,535).
+    - ``prefetch_bytes``: optional cap on the body bytes of those messages
+      (None: count only); a single message larger than it is still taken.
     - ``eta_buffer``: slots of ``prefetch_limit`` for ETA/countdown tasks due
-      soon; the rest stay free for ready work.
+      soon; the rest stay free for ready work. None (default): a tenth of the
+      limit, at most 100.
     - ``eta_horizon``: seconds; an ETA further away is parked on the broker.
     - ``park_interval``: seconds between two runs of a worker's parking mover.
     - ``park_on_publish``: a producer parks an ETA beyond the horizon itself
       (Redis, local lane) instead of queueing it for a worker to park.
+    - ``park_prefix``: RabbitMQ: names of the delay queues and exchanges parked
+      messages wait in (``{prefix}_celery_delayed_{n}``); apps sharing them
+      must agree on it.
     - ``queue_limits``: ``{queue: max messages}`` enforced when publishing.
-    - ``queue_full_policy``: ``"block"``, ``"raise"`` or ``"shed"`` at that bound.
+    - ``queue_full_policy``: ``"block"``, ``"raise"`` or ``"shed"`` at that bound
+      (on the local lane too, when it is tighter than ``lane_max_queued``).
     - ``queue_block_timeout``: seconds a blocked publish waits for room.
+    - ``probe_port`` / ``probe_file``: readiness and liveness on
+      127.0.0.1:port (0: any free port) or as a file (see :mod:`celery_ext.probes`).
+    - ``probe_stale_after``: seconds without an event-loop beat before liveness fails.
+    - ``metrics_port``: serve Prometheus metrics on 127.0.0.1:port/metrics (0: any
+      free port; see :mod:`celery_ext.metrics`).
+    - ``leases``: on Redis, renew the lease of held messages while the worker
+      lives and recover a dead worker's (see :mod:`celery_ext.leases`).
+    - ``lease_interval``: seconds between two lease beats (at most a third of
+      the transport's ``visibility_timeout`` is used).
+    - ``dead_worker_after``: seconds without a beat after which a worker's held
+      messages are restored for others; at least twice ``lease_interval``.
+    - ``dead_letter_queue``: where tasks whose retries ran out are kept
+      (on the app's broker; see :mod:`celery_ext.deadletter`), and the messages
+      a worker could not run (see :mod:`celery_ext.intake`).
+    - ``max_message_bytes``: optional cap on a task message's serialized body:
+      a bigger publish raises :class:`~celery_ext.errors.MessageTooLarge`, a
+      bigger received message is dead-lettered, not run (None: no cap, as stock).
 
     Example::
 
@@ -138,18 +193,36 @@ class Settings:
     lane_max_queued: int = 10_000
     lane_full_policy: FullPolicy = "block"
     lane_block_timeout: float = 1.0
+    lane_concurrency: int = 4
     drain_timeout: float = 30.0
     prefetch_limit: int = 1000
-    eta_buffer: int = 100
+    prefetch_bytes: int | None = None
+    eta_buffer: int | None = None
     eta_horizon: float = 300.0
     park_interval: float = 0.5
     park_on_publish: bool = True
+    park_prefix: str = "celery_ext"
     queue_limits: Mapping[str, int] = field(default_factory=dict)
-    queue_full_policy: QueuePolicy = "raise"
+    queue_full_policy: FullPolicy = "raise"
     queue_block_timeout: float = 1.0
+    dead_letter_queue: str = "celery_ext.dead_letters"
+    max_message_bytes: int | None = None
+    probe_port: int | None = None
+    probe_file: str | None = None
+    probe_stale_after: float = 30.0
+    metrics_port: int | None = None
+    leases: bool = True
+    lease_interval: float = 5.0
+    dead_worker_after: float = 15.0
 
     def __post_init__(self) -> None:
-        if self.eta_buffer >= self.prefetch_limit:
+        if self.lease_interval <= 0 or self.dead_worker_after < 2 * self.lease_interval:
+            raise ConfigurationError(
+                f"{PREFIX}dead_worker_after={self.dead_worker_after!r} must be at least twice "
+                f"{PREFIX}lease_interval={self.lease_interval!r} (> 0): one late beat "
+                "must not make a live worker look dead"
+            )
+        if self.eta_buffer is not None and self.eta_buffer >= self.prefetch_limit:
             raise ConfigurationError(
                 f"{PREFIX}eta_buffer={self.eta_buffer!r} must be smaller than "
                 f"{PREFIX}prefetch_limit={self.prefetch_limit!r}: ready work needs slots too"

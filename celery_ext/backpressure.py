@@ -15,7 +15,10 @@ work starves. The :class:`Backpressure` consumer step splits the window:
   On Redis the horizon is also kept below the transport's
   ``visibility_timeout``, so a long ETA is never redelivered while it waits.
 
-The QoS therefore never exceeds ``prefetch_limit`` (nor 65,535). Where no
+The QoS therefore never exceeds ``prefetch_limit`` (nor 65,535). With
+``prefetch_bytes`` set, the body bytes of held (received, unacked) messages are
+capped too: a message that would cross the cap is requeued at once and the QoS
+lowered to what is held, until acks make room again. Where no
 parking store exists (other brokers, kombu < 5.7 on RabbitMQ) ETA messages stay
 in the worker as in stock Celery, and only the 65,535 overflow is prevented.
 Counts are reported by ``info()`` under ``celery_ext`` in ``celery inspect
@@ -38,7 +41,7 @@ from celery.worker import state as worker_state
 
 from ._settings import settings_of
 from .bounds import BOUNDS_OPTION, Bounds
-from .delays import AmqpParking, RedisParking, eta_delay, redis_horizon
+from .delays import AmqpParking, RedisParking, eta_delay, parked_queue, redis_horizon
 
 __all__ = ["Backpressure"]
 
@@ -46,6 +49,39 @@ logger = logging.getLogger(__name__)
 
 #: kombu turns a larger prefetch count into 0, which means unlimited.
 QOS_MAX = 65_535
+#: Seconds between two checks whether acks made room under ``prefetch_bytes``.
+_RELAX_INTERVAL_S = 0.05
+
+
+class _ByteBudget:
+    """Body bytes of the messages a worker received and has not acked yet."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.held: list[tuple[Any, int, bool]] = []  # (message, size, has ETA)
+        self.bytes = 0
+        self.peak = 0
+        self.requeued = 0
+        self.throttled = False
+
+    def prune(self) -> None:
+        self.held = [entry for entry in self.held if not entry[0].acknowledged]
+        self.bytes = sum(entry[1] for entry in self.held)
+
+    def admit(self, message: Any) -> bool:
+        """Take ``message`` into the budget, or False when it would cross the cap."""
+        size = len(message.body or b"")
+        if self.bytes + size > self.cap:
+            self.prune()
+            if self.held and self.bytes + size > self.cap:
+                return False
+        self.held.append((message, size, bool((message.headers or {}).get("eta"))))
+        self.bytes += size
+        self.peak = max(self.peak, self.bytes)
+        return True
+
+    def eta_held(self) -> int:
+        return sum(1 for message, _, eta in self.held if eta and not message.acknowledged)
 
 
 class _LaneParking:
@@ -61,7 +97,7 @@ class _LaneParking:
         return 0
 
 
-def _parking_for(connection: Any) -> Any:
+def _parking_for(connection: Any, prefix: str) -> Any:
     driver = connection.transport.driver_type
     if driver == "redis":
         return RedisParking(connection.default_channel)
@@ -69,7 +105,7 @@ def _parking_for(connection: Any) -> Any:
         return _LaneParking(connection.transport.lane)
     if driver == "amqp":
         try:
-            return AmqpParking(connection.default_channel)
+            return AmqpParking(connection.default_channel, prefix=prefix)
         except RuntimeError:  # kombu too old for prefixed delay levels
             logger.warning("celery_ext: no ETA parking on this kombu; ETA tasks stay in the worker")
     return None
@@ -89,11 +125,20 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
     name = "celery_ext.backpressure.Backpressure"
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
-    def __init__(self, c: Any, prefetch_limit: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        c: Any,
+        prefetch_limit: int | None = None,
+        prefetch_bytes: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         settings = settings_of(c.app)
+        cap_bytes = prefetch_bytes or settings.prefetch_bytes
+        self.budget = _ByteBudget(cap_bytes) if cap_bytes else None
         limit = min(prefetch_limit or settings.prefetch_limit, QOS_MAX)
         self.prefetch_limit = limit
-        self.eta_buffer = min(settings.eta_buffer, limit - 1) if limit > 1 else 0
+        buffer = settings.eta_buffer or max(1, min(100, limit // 10))
+        self.eta_buffer = min(buffer, limit - 1) if limit > 1 else 0
         stock = c.initial_prefetch_count or limit
         if _is_solo(c.pool):
             stock = max(1, c.prefetch_multiplier)  # one process, not one per CPU
@@ -104,12 +149,22 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         self.park_errors = 0
         self.store: Any = None
         self._timer_entry: Any = None
+        self._relax_entry: Any = None
+        self._eta_messages: list[Any] = []  # held, for a drain to hand back
         c.initial_prefetch_count = self.ready_window
         super().__init__(c, **kwargs)
 
     def start(self, c: Any) -> None:
         # Runs after Tasks.start on every (re)connect: reapply the cap to the new QoS.
-        self.store = _parking_for(c.connection)
+        self.store = _parking_for(c.connection, settings_of(c.app).park_prefix)
+        # After a reconnect Celery has dropped what the old channel delivered (its
+        # timer is cleared): it is no longer held here, and the broker (or the
+        # leases, on Redis) gives it out again.
+        channel = getattr(c.task_consumer, "channel", None)
+        self._eta_messages = [m for m in self._eta_messages if m.channel is channel]
+        if self.budget is not None:
+            self.budget.held = [e for e in self.budget.held if e[0].channel is channel]
+            self.budget.bytes = sum(e[1] for e in self.budget.held)
         c.initial_prefetch_count = min(c.initial_prefetch_count, self.ready_window)
         # Without a parking store ETA messages must stay in the worker: cap only
         # where kombu would turn the count into "unlimited".
@@ -127,13 +182,17 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         for name, strategy in list(c.strategies.items()):
             c.strategies[name] = self.wrap(c, strategy)
         c.celery_ext_wrap_strategy = lambda strategy: self.wrap(c, strategy)
+        c.celery_ext_backpressure = self
         if isinstance(self.store, RedisParking) and self._timer_entry is None:
             self._timer_entry = c.timer.call_repeatedly(self.park_interval_s, self._move_due)
+        if self.budget is not None and self._relax_entry is None:
+            self._relax_entry = c.timer.call_repeatedly(_RELAX_INTERVAL_S, self._relax, (c,))
 
     def stop(self, c: Any) -> None:
-        if self._timer_entry is not None:
-            self._timer_entry.cancel()
-            self._timer_entry = None
+        for entry in (self._timer_entry, self._relax_entry):
+            if entry is not None:
+                entry.cancel()
+        self._timer_entry = self._relax_entry = None
 
     shutdown = stop
 
@@ -152,16 +211,62 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         def handler(
             message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any
         ) -> Any:
+            _restore_route(message)
             if self._maybe_park(c, message):
+                return None
+            if (message.headers or {}).get("eta"):
+                self._hold_eta(message)
+            if self.budget is not None and not self.budget.admit(message):
+                self._throttle(c, message)
                 return None
             return strategy(message, body, ack, reject, callbacks, **kw)
 
         handler.celery_ext_wrapped = True  # type: ignore[attr-defined]
         return handler
 
+    def _hold_eta(self, message: Any) -> None:
+        held = self._eta_messages
+        held.append(message)
+        if len(held) > 2 * max(self.eta_buffer, 64):
+            self._eta_messages = [m for m in held if not m.acknowledged]
+
+    def take_eta_messages(self) -> list[Any]:
+        """The ETA messages this worker holds and has not acked; forgets them (drain).
+
+        Example::
+
+            for message in step.take_eta_messages():
+                message.reject(requeue=True)
+        """
+        held, self._eta_messages = self._eta_messages, []
+        return [m for m in held if not m.acknowledged]
+
     def eta_held(self, c: Any) -> int:
         """ETA messages this worker holds (stock raises the QoS by one for each)."""
+        if self.budget is not None:  # the QoS may be lowered: count them instead
+            return self.budget.eta_held()
         return max(0, int(c.qos.value) - int(c.initial_prefetch_count))
+
+    # -- the byte budget ------------------------------------------------------
+    def _throttle(self, c: Any, message: Any) -> None:
+        """Hand ``message`` back and stop deliveries beyond what is held."""
+        assert self.budget is not None
+        # The consumer loop applies a changed qos.value before it reads again.
+        c.qos.value = max(1, len(self.budget.held))
+        self.budget.throttled = True
+        self.budget.requeued += 1
+        message.requeue()
+
+    def _relax(self, c: Any) -> None:
+        """Give the QoS back once acks brought the held bytes under the cap."""
+        budget = self.budget
+        if budget is None or not budget.throttled:
+            return
+        budget.prune()
+        if budget.bytes < budget.cap:
+            budget.throttled = False
+            normal = int(c.initial_prefetch_count) + budget.eta_held()
+            c.qos.value = min(int(c.qos.max_prefetch or normal), normal)
 
     def _maybe_park(self, c: Any, message: Any) -> bool:
         eta = (message.headers or {}).get("eta")
@@ -184,27 +289,47 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         self.parked += 1
         return True
 
-    def info(self, c: Any) -> dict[str, Any]:
+    def section(self, c: Any) -> dict[str, Any]:
+        """Its part of the ``celery_ext`` section of ``inspect stats`` (see :mod:`.metrics`)."""
         qos = getattr(c, "qos", None)
+        if self.budget is not None:
+            self.budget.prune()
         eta_held = self.eta_held(c) if qos is not None else 0
         settings = settings_of(c.app)
         limits = (c.app.conf.broker_transport_options or {}).get(BOUNDS_OPTION)
         return {
-            "celery_ext": {
-                "prefetch_limit": self.prefetch_limit,
-                "ready_window": self.ready_window,
-                "eta_buffer": self.eta_buffer,
-                "eta_horizon_s": self.eta_horizon_s,
-                "qos": int(qos.value) if qos is not None else None,
-                "held": len(worker_state.reserved_requests) + eta_held,
-                "eta_held": eta_held,
-                "parked_total": self.parked,
-                "park_errors": self.park_errors,
-                "queue_limits": dict(settings.queue_limits),
-                "queue_full_policy": settings.queue_full_policy,
-                "shed_total": limits.shed() if isinstance(limits, Bounds) else 0,
-            }
+            "prefetch_limit": self.prefetch_limit,
+            "ready_window": self.ready_window,
+            "eta_buffer": self.eta_buffer,
+            "eta_horizon_s": self.eta_horizon_s,
+            "qos": int(qos.value) if qos is not None else None,
+            "held": len(worker_state.reserved_requests) + eta_held,
+            "prefetch_bytes": self.budget.cap if self.budget else None,
+            "held_bytes": self.budget.bytes if self.budget else None,
+            "held_bytes_peak": self.budget.peak if self.budget else None,
+            "bytes_requeued": self.budget.requeued if self.budget else 0,
+            "eta_held": eta_held,
+            "parked_total": self.parked,
+            "park_errors": self.park_errors,
+            "queue_limits": dict(settings.queue_limits),
+            "queue_full_policy": settings.queue_full_policy,
+            "shed_total": limits.shed() if isinstance(limits, Bounds) else 0,
+            "queue_full_total": limits.full() if isinstance(limits, Bounds) else 0,
         }
+
+
+def _restore_route(message: Any) -> None:
+    """Give a message back from RabbitMQ's delay levels its queue as routing key.
+
+    Celery re-publishes retries (and its own ``self.retry()``) to the delivery's
+    exchange and routing key: with the delay-level key that re-entered the
+    levels with the old delay. The default exchange and the queue name route it
+    straight to its queue, as the task was first sent.
+    """
+    info = message.delivery_info
+    queue = parked_queue(info.get("routing_key")) if info else None
+    if queue is not None:
+        info["routing_key"], info["exchange"] = queue, ""
 
 
 def _is_solo(pool: Any) -> bool:

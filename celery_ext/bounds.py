@@ -35,8 +35,8 @@ How, per broker (``install(app)`` selects the transports below for
   number of concurrent producers.
   A declared ``x-max-length`` is a hard cap a larger per-call bound cannot lift.
 - **Local lane** (``local://``): ``queue_limits`` and ``max_queued`` bound its
-  queues natively (never above ``lane_max_queued``), under ``lane_full_policy``
-  (``block`` or ``raise``; there is no ``shed`` on the lane).
+  queues natively (never above ``lane_max_queued``) under ``queue_full_policy``;
+  the lane's own ``lane_max_queued`` bound follows ``lane_full_policy``.
 
 Policies when full: ``raise`` raises ``QueueFull`` at once; ``block`` retries
 with short waits (5 ms doubling to 50 ms) for up to ``queue_block_timeout``
@@ -107,8 +107,10 @@ from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
 from ._settings import PREFIX, Settings
-from .delays import AmqpParking, RedisParking, eta_delay, redis_horizon
+from .delays import RETRY_HEADER, AmqpParking, RedisParking, eta_delay, redis_horizon
 from .errors import ConfigurationError, QueueFull
+from .redis_delivery import AtomicDelivery
+from .sizes import SizeLimited
 
 __all__ = [
     "OPTION",
@@ -139,7 +141,13 @@ _CONFIRM_TIMEOUT_S = 30.0
 T = TypeVar("T")
 
 
-def _check_limit(value: object, where: str) -> int:
+def check_limit(value: object, where: str) -> int:
+    """``value`` when it is a valid bound (an int >= 1), else ConfigurationError naming ``where``.
+
+    Example::
+
+        check_limit(5, "apply_async(max_queued)")   # 5
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{where}={value!r}: expected an integer >= 1")
     return value
@@ -165,9 +173,12 @@ class Bounds:
         self.block_timeout_s = settings.queue_block_timeout
         self.eta_horizon_s = settings.eta_horizon
         self.park_on_publish = settings.park_on_publish
+        self.park_prefix = settings.park_prefix
         #: RabbitMQ: ``x-max-length`` of the reject-publish queues declared so far.
         self.declared: dict[str, int] = {}
         self._shed: dict[str, int] = {}
+        self._full: dict[str, int] = {}
+        self._unrecorded: list[tuple[Any, str, str]] = []  # Redis: see redis_delivery
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -191,20 +202,27 @@ class Bounds:
             raise ConfigurationError("celery_ext.install(app) has not been called for this app")
         return bounds
 
-    def publish_delay(self, headers: Mapping[str, Any] | None) -> float | None:
-        """Seconds until a message's ETA when producers park (``park_on_publish``), else None.
+    def park_delay(self, headers: Mapping[str, Any] | None, horizon_s: float) -> float | None:
+        """Seconds to park a message for, or None to queue it as usual.
+
+        Producers park (``park_on_publish``) an ETA further than ``horizon_s``,
+        and a celery_ext retry with any delay (its wait never sits in a worker).
 
         Example::
 
-            bounds.publish_delay({"eta": "2030-01-01T00:00:00+00:00"})   # > 0
+            bounds.park_delay({"eta": "2030-01-01T00:00:00+00:00"}, 300)   # > 0
         """
-        eta = (headers or {}).get("eta") if self.park_on_publish else None
+        headers = headers or {}
+        eta = headers.get("eta") if self.park_on_publish else None
         if not eta:
             return None
         try:
-            return eta_delay(eta, self.app.timezone)
+            delay = eta_delay(eta, self.app.timezone)
         except ValueError:
             return None  # the worker reports a malformed ETA, as stock Celery does
+        if delay > horizon_s or (delay > 0 and headers.get(RETRY_HEADER) is not None):
+            return delay
+        return None
 
     def task_limit(self, name: object) -> int | None:
         """The ``max_queued`` attribute of the task called ``name``, or None.
@@ -220,7 +238,7 @@ class Bounds:
         except RuntimeError:  # autofinalize=False and not finalized: no registry yet
             return None
         value = getattr(task, OPTION, None)
-        return None if value is None else _check_limit(value, f"@app.task({OPTION}) of {name}")
+        return None if value is None else check_limit(value, f"@app.task({OPTION}) of {name}")
 
     def limit(self, queue: str, task_name: object = None, call: int | None = None) -> int | None:
         """The bound of a publish to ``queue``: ``call``, else the task's, else the setting's.
@@ -254,6 +272,42 @@ class Bounds:
         with self._lock:
             self._shed[queue] = self._shed.get(queue, 0) + n
         logger.debug("celery_ext: shed %d message(s) for full queue %r", n, queue)
+
+    def keep_unrecorded(self, item: tuple[Any, str, str]) -> None:
+        """Keep a Redis message (payload, exchange, routing key) a lost connection dropped.
+
+        Example::
+
+            bounds.keep_unrecorded((payload, "", "celery"))
+        """
+        with self._lock:
+            self._unrecorded.append(item)
+
+    def take_unrecorded(self) -> list[tuple[Any, str, str]]:
+        """Take every message :meth:`keep_unrecorded` kept, oldest first.
+
+        Example::
+
+            bounds.take_unrecorded()   # [(payload, "", "celery")]
+        """
+        with self._lock:
+            items, self._unrecorded = self._unrecorded, []
+        return items
+
+    def count_full(self, queue: str) -> None:
+        """Count one publish to ``queue`` refused with QueueFull."""
+        with self._lock:
+            self._full[queue] = self._full.get(queue, 0) + 1
+
+    def full(self, queue: str | None = None) -> int:
+        """Publishes refused with QueueFull for ``queue`` (all queues when None).
+
+        Example::
+
+            bounds.full("emails")   # 2
+        """
+        with self._lock:
+            return sum(self._full.values()) if queue is None else self._full.get(queue, 0)
 
     def shed(self, queue: str | None = None) -> int:
         """Messages dropped by the ``shed`` policy for ``queue`` (all queues when None).
@@ -332,11 +386,13 @@ def _offer(
             bounds.count_shed(queue, len(items))
             return accepted, None
         if bounds.policy == "raise":
+            bounds.count_full(queue)
             return accepted, QueueFull(queue, limit, depth)
         now = time.monotonic()
         if ok:  # progress: wait for room anew
             deadline, wait_s = now + bounds.block_timeout_s, _FIRST_WAIT_S
         if now >= deadline:
+            bounds.count_full(queue)
             return accepted, QueueFull(queue, limit, depth, now - start)
         time.sleep(min(wait_s, deadline - now))
         wait_s = min(wait_s * 2, _MAX_WAIT_S)
@@ -426,8 +482,16 @@ class _Collecting:
         raise NotImplementedError
 
 
-class RedisChannel(_Collecting, kombu_redis.Channel):  # type: ignore[misc]
-    """kombu's Redis channel with bounded, atomic pushes; see the module docstring."""
+class RedisChannel(_Collecting, SizeLimited, AtomicDelivery, kombu_redis.Channel):  # type: ignore[misc]
+    """kombu's Redis channel with bounded, atomic pushes (see the module docstring)
+    and deliveries a crash cannot drop (:mod:`celery_ext.redis_delivery`)."""
+
+    def celery_ext_keep_unrecorded(self, item: tuple[Any, str, str]) -> None:
+        if self.bounds is not None:
+            self.bounds.keep_unrecorded(item)
+
+    def celery_ext_take_unrecorded(self) -> list[tuple[Any, str, str]]:
+        return self.bounds.take_unrecorded() if self.bounds is not None else []
 
     @cached_property
     def bounds(self) -> Bounds | None:
@@ -445,7 +509,7 @@ class RedisChannel(_Collecting, kombu_redis.Channel):  # type: ignore[misc]
     def basic_publish(self, message: Any, exchange: str, routing_key: str, **kwargs: Any) -> Any:
         call = message["properties"].pop(OPTION, None)
         if call is not None:
-            kwargs[LIMIT_KW] = _check_limit(call, f"apply_async({OPTION})")
+            kwargs[LIMIT_KW] = check_limit(call, f"apply_async({OPTION})")
         return super().basic_publish(message, exchange, routing_key, **kwargs)
 
     @cached_property
@@ -455,10 +519,11 @@ class RedisChannel(_Collecting, kombu_redis.Channel):  # type: ignore[misc]
     def _park_at_publish(self, queue: str, message: Any) -> bool:
         """Park a far-future ETA message instead of pushing it (see backpressure)."""
         bounds = self.bounds
-        delay = bounds.publish_delay(message.get("headers")) if bounds is not None else None
-        if bounds is None or delay is None:
+        if bounds is None:
             return False
-        if delay <= redis_horizon(bounds.eta_horizon_s, float(self.visibility_timeout)):
+        horizon = redis_horizon(bounds.eta_horizon_s, float(self.visibility_timeout))
+        delay = bounds.park_delay(message.get("headers"), horizon)
+        if delay is None:
             return False
         self._parking.park(queue, message, delay)
         return True
@@ -546,7 +611,7 @@ class _Publish:
     kwargs: dict[str, Any]
 
 
-class AmqpChannel(_Collecting, pyamqp.Channel):  # type: ignore[misc]
+class AmqpChannel(_Collecting, SizeLimited, pyamqp.Channel):  # type: ignore[misc]
     """kombu's py-amqp channel with queue bounds; see the module docstring."""
 
     _probe: Any = None
@@ -624,7 +689,8 @@ class AmqpChannel(_Collecting, pyamqp.Channel):  # type: ignore[misc]
     @cached_property
     def _parking(self) -> AmqpParking | None:
         try:
-            return AmqpParking(self)
+            bounds = self.bounds
+            return AmqpParking(self, prefix=bounds.park_prefix if bounds else "celery_ext")
         except RuntimeError:  # kombu too old for prefixed delay levels: queue ETAs as usual
             return None
 
@@ -633,12 +699,10 @@ class AmqpChannel(_Collecting, pyamqp.Channel):  # type: ignore[misc]
         bounds = self.bounds
         if bounds is None or self._parking_now:
             return False  # (AmqpParking publishes through this channel too)
-        delay = bounds.publish_delay(msg.properties.get("application_headers"))
-        if delay is None:
-            return False
-        queue = bounds.queue_for(exchange, routing_key)
-        parking = self._parking if delay > bounds.eta_horizon_s and queue else None
-        if parking is None or queue is None:
+        delay = bounds.park_delay(msg.properties.get("application_headers"), bounds.eta_horizon_s)
+        queue = bounds.queue_for(exchange, routing_key) if delay is not None else None
+        parking = self._parking if queue is not None else None
+        if delay is None or queue is None or parking is None:
             return False
         self._parking_now = True
         try:
@@ -660,7 +724,7 @@ class AmqpChannel(_Collecting, pyamqp.Channel):  # type: ignore[misc]
         queue = bounds.queue_for(exchange, routing_key)
         checked = hard = None
         if queue is not None:
-            checked = None if call is None else _check_limit(call, f"apply_async({OPTION})")
+            checked = None if call is None else check_limit(call, f"apply_async({OPTION})")
             if checked is None:
                 checked = bounds.task_limit((props.get("application_headers") or {}).get("task"))
             hard = bounds.declared.get(queue, bounds.limits.get(queue))
@@ -1051,7 +1115,9 @@ def _publish_chunk(
     ids: list[str] = []  # the local lane (its own bound) or a stock transport
     for args, kwargs in batch:
         try:
-            ids.append(plan.publish(producer, args, kwargs))
+            task_id = plan.publish(producer, args, kwargs)
         except QueueFull as exc:
             return ids, exc
+        if not getattr(channel, "last_put_shed", False):  # the local lane's "shed"
+            ids.append(task_id)
     return ids, None

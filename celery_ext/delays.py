@@ -46,7 +46,18 @@ from celery.utils.time import maybe_make_aware
 from kombu.transport import native_delayed_delivery as _native
 from kombu.utils.json import dumps
 
-__all__ = ["AMQP_MAX_DELAY_S", "AmqpParking", "RedisParking", "eta_delay", "redis_horizon"]
+__all__ = [
+    "AMQP_MAX_DELAY_S",
+    "RETRY_HEADER",
+    "AmqpParking",
+    "RedisParking",
+    "eta_delay",
+    "parked_queue",
+    "redis_horizon",
+]
+
+#: Message header of a celery_ext retry (attempt history); producers park its delay.
+RETRY_HEADER = "celery_ext_retry"
 
 #: Hash (field: sorted-set key, value: target list key) of every parking sorted set.
 REGISTRY = "celery_ext.parked"
@@ -180,6 +191,26 @@ _BITS: int = _native.MAX_NUMBER_OF_BITS_TO_USE  # 28 delay levels, 2^0 .. 2^27 s
 
 #: Longest delay :class:`AmqpParking` supports: 2^28 - 1 s (about 8.5 years).
 AMQP_MAX_DELAY_S: int = 2**_BITS - 1
+_BIT_PREFIX = 2 * _BITS  # "0.1.0. ... ." before the queue name
+
+
+def parked_queue(routing_key: object) -> str | None:
+    """The queue a message coming back from RabbitMQ's delay levels was parked for.
+
+    Such a message keeps the delay-level routing key (28 bits, then the queue);
+    None for any other routing key.
+
+    Example::
+
+        parked_queue("0." * 27 + "1.emails")   # 'emails'
+    """
+    if not isinstance(routing_key, str) or len(routing_key) <= _BIT_PREFIX:
+        return None
+    head = routing_key[:_BIT_PREFIX]
+    if head[1::2] != "." * _BITS or not set(head[0::2]) <= {"0", "1"}:
+        return None
+    return routing_key[_BIT_PREFIX:]
+
 
 # Publishable properties: all but `expiration`, a per-queue TTL that would cut a
 # delay short in the first delay queue (RabbitMQ drops it at the first hop anyway).

@@ -6,7 +6,12 @@ Every error the plugin raises derives from :class:`CeleryExtError`, so one
     CeleryExtError
      ├── ConfigurationError (also ValueError)   a bad setting, named in the message
      ├── LaneNotInstalled                       ``local://`` used without install(app)
-     └── QueueFull                              a bounded queue refused a message
+     ├── MessageTooLarge                        a task message over ``max_message_bytes``
+     ├── QueueFull                              a bounded queue refused a message
+     ├── RetryAfter                             raised by a task: retry in N seconds
+     ├── RetryScheduled                         why and when a task will run again
+     └── TaskTimeout (also Celery's SoftTimeLimitExceeded)
+                                                raised inside a task at its soft limit
 
 Example::
 
@@ -20,7 +25,18 @@ Example::
 
 from __future__ import annotations
 
-__all__ = ["CeleryExtError", "ConfigurationError", "LaneNotInstalled", "QueueFull"]
+from celery.exceptions import SoftTimeLimitExceeded
+
+__all__ = [
+    "CeleryExtError",
+    "ConfigurationError",
+    "LaneNotInstalled",
+    "MessageTooLarge",
+    "QueueFull",
+    "RetryAfter",
+    "RetryScheduled",
+    "TaskTimeout",
+]
 
 
 class CeleryExtError(Exception):
@@ -58,6 +74,38 @@ class LaneNotInstalled(CeleryExtError):
     """
 
 
+class MessageTooLarge(CeleryExtError):
+    """A task message's serialized body is over ``celery_ext_max_message_bytes``.
+
+    Raised by the publishing call before anything is sent (a worker that
+    receives such a message dead-letters it with this error as the reason).
+    Attributes: ``size`` and ``limit`` in bytes, the ``task`` name and
+    ``task_id`` when known.
+
+    Example::
+
+        try:
+            export.delay(huge_rows)
+        except MessageTooLarge as exc:
+            print(exc.size, exc.limit)   # store the rows elsewhere, pass a reference
+    """
+
+    def __init__(
+        self, size: int, limit: int, task: str | None = None, task_id: str | None = None
+    ) -> None:
+        self.size = size
+        self.limit = limit
+        self.task = task
+        self.task_id = task_id
+        what = f"task message {task!r}" if task else "task message"
+        super().__init__(f"{what} is {size} bytes, over celery_ext_max_message_bytes={limit}")
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[MessageTooLarge], tuple[int, int, str | None, str | None]]:
+        return (type(self), (self.size, self.limit, self.task, self.task_id))
+
+
 class QueueFull(CeleryExtError):
     """A bounded queue is at its limit and the message was not accepted.
 
@@ -81,3 +129,62 @@ class QueueFull(CeleryExtError):
 
     def __reduce__(self) -> tuple[type[QueueFull], tuple[str, int, int, float]]:
         return (type(self), (self.queue, self.limit, self.depth, self.waited_s))
+
+
+class TaskTimeout(SoftTimeLimitExceeded, CeleryExtError):  # type: ignore[misc]
+    """A task ran past its soft time limit; raised inside the task.
+
+    It subclasses Celery's ``SoftTimeLimitExceeded``, so existing handlers keep
+    working. A task that swallows it is still stopped at its hard limit.
+
+    Example::
+
+        @app.task(soft_timeout=10, timeout=15)
+        def export(report_id):
+            try:
+                build(report_id)
+            except TaskTimeout:
+                cleanup(report_id)
+                raise
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(args or ("soft time limit exceeded",)))
+
+
+class RetryAfter(CeleryExtError):
+    """Raised by a task with a retry policy: run me again in ``seconds``.
+
+    The wait replaces the policy's own; it still counts as an attempt and never
+    goes past the policy's deadline (the task gives up instead).
+
+    Example::
+
+        @app.task
+        @celery_ext.retry(attempts=10)
+        def poll(job_id):
+            if not ready(job_id):
+                raise RetryAfter(30)
+    """
+
+    def __init__(self, seconds: float, reason: str = "") -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise ValueError(f"RetryAfter({seconds!r}): expected seconds >= 0")
+        self.seconds = float(seconds)
+        self.reason = reason
+        super().__init__(f"retry after {self.seconds:g}s" + (f": {reason}" if reason else ""))
+
+    def __reduce__(self) -> tuple[type[RetryAfter], tuple[float, str]]:
+        return (type(self), (self.seconds, self.reason))
+
+
+class RetryScheduled(CeleryExtError):
+    """The reason stored (and sent to Flower) while a task waits for its next attempt.
+
+    Its message names the error, the next attempt and when it runs; the
+    original exception is its ``__cause__`` in the worker.
+
+    Example::
+
+        AsyncResult(task_id).result   # RetryScheduled("ConnectionError: reset; attempt 2 in 0.5s")
+    """

@@ -45,7 +45,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from queue import Empty, SimpleQueue
+from queue import Empty
 from time import monotonic
 from types import TracebackType
 from typing import Any
@@ -54,7 +54,6 @@ from celery import Celery, bootsteps, signals
 from celery._state import _set_task_join_will_block
 from celery.app.amqp import AMQP
 from celery.app.trace import build_tracer
-from celery.concurrency.base import BasePool, apply_target
 from celery.exceptions import ImproperlyConfigured
 from celery.utils import timer2
 from celery.worker import state as worker_state
@@ -65,6 +64,8 @@ from kombu.utils.imports import symbol_by_name
 from . import bounds
 from ._settings import Settings, settings_of
 from .errors import LaneNotInstalled, QueueFull
+from .sizes import SizeLimited
+from .timeouts import TimeoutPool
 
 __all__ = [
     "DrainReport",
@@ -108,6 +109,7 @@ class Lane:
         self.block_timeout_s = settings.lane_block_timeout
         self.broker_state = virtual.BrokerState()
         self.dropped_transient = 0
+        self.shed_total = 0  # messages dropped by a "shed" policy
         self._cond = threading.Condition(threading.Lock())
         self._queues: dict[str, deque[Message]] = {}
         self._transient: set[str] = set()
@@ -125,6 +127,7 @@ class Lane:
         # Parked (delayed) messages: a heap of (due, seq, queue, message).
         self._parked: list[tuple[float, int, str, Message]] = []
         self._parked_per_queue: dict[str, int] = {}
+        self._parks = 0  # parks so far: a sleeper wakes to recompute its due time
 
     def __repr__(self) -> str:
         return f"<Lane local://{self.name} queues={len(self._queues)} unacked={len(self._unacked)}>"
@@ -153,13 +156,26 @@ class Lane:
     def next_tag(self) -> int:
         return next(self._tags)
 
-    def put(self, queue: str, message: Message, limit: int | None = None) -> None:
+    def put(
+        self,
+        queue: str,
+        message: Message,
+        limit: int | None = None,
+        policy: str | None = None,
+        block_timeout_s: float | None = None,
+    ) -> bool:
         """Append ``message`` to ``queue``, applying the bound and full policy.
 
         ``limit`` (a ``queue_limits`` / ``max_queued`` bound) can only lower the
-        lane's own ``max_queued``.
+        lane's own ``max_queued``; when it is the tighter bound, ``policy`` and
+        ``block_timeout_s`` (the ``queue_full_policy`` ones) apply instead of the
+        lane's. Returns False when the message was shed.
         """
-        bound = self.max_queued if limit is None else min(limit, self.max_queued)
+        if limit is None or limit >= self.max_queued or policy is None:
+            bound, policy, wait_s = self.max_queued, self.policy, self.block_timeout_s
+        else:
+            bound = limit
+            wait_s = self.block_timeout_s if block_timeout_s is None else block_timeout_s
         with self._cond:
             q = self._queues.get(queue)
             if q is None:
@@ -168,18 +184,22 @@ class Lane:
                 if queue in self._transient:
                     q.popleft()
                     self.dropped_transient += 1
-                elif self.policy == "raise" or self.block_timeout_s <= 0:
+                elif policy == "shed":
+                    self.shed_total += 1
+                    return False
+                elif policy == "raise" or wait_s <= 0:
                     raise QueueFull(queue, bound, len(q))
                 else:
-                    self._wait_for_room(queue, q, bound)
+                    self._wait_for_room(queue, q, bound, wait_s)
             q.append(message)
             self._arrived(queue)
+            return True
 
-    def _wait_for_room(self, queue: str, q: deque[Message], bound: int) -> None:
+    def _wait_for_room(self, queue: str, q: deque[Message], bound: int, wait_s: float) -> None:
         start = monotonic()
         self._room_waiters += 1
         try:
-            has_room = self._cond.wait_for(lambda: len(q) < bound, self.block_timeout_s)
+            has_room = self._cond.wait_for(lambda: len(q) < bound, wait_s)
         finally:
             self._room_waiters -= 1
         if not has_room:
@@ -246,6 +266,7 @@ class Lane:
             due = monotonic() + max(0.0, delay_s)
             heapq.heappush(self._parked, (due, next(self._tags), queue, message))
             self._parked_per_queue[queue] = held + 1
+            self._parks += 1
             self._cond.notify_all()  # sleepers recompute how long to sleep
             return due
 
@@ -307,10 +328,12 @@ class Lane:
         """
         queues, settled, woken = snap
         arrivals = self._arrivals
+        parks = self._parks
 
         def changed() -> bool:
             return (
                 self._woken != woken
+                or self._parks != parks
                 or (settles and self._settled != settled)
                 or any(arrivals.get(q, 0) != n for q, n in queues)
             )
@@ -411,7 +434,7 @@ class Lanes:
         return lanes
 
 
-class Channel(virtual.Channel):  # type: ignore[misc]
+class Channel(SizeLimited, virtual.Channel):  # type: ignore[misc]
     """A channel on a :class:`Lane`; see the module docstring."""
 
     body_encoding = None  # bodies stay in memory: no base64 round trip
@@ -422,6 +445,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
     def __init__(self, connection: Transport, **kwargs: Any) -> None:
         self.lane = connection.lane
         self._no_ack_queues: set[str] = set()
+        self.last_put_shed = False  # enqueue_many leaves shed ids out
         super().__init__(connection, **kwargs)
 
     def _next_delivery_tag(self) -> int:
@@ -444,22 +468,31 @@ class Channel(virtual.Channel):  # type: ignore[misc]
     ) -> Any:
         call = message["properties"].pop(bounds.OPTION, None)  # apply_async(max_queued=N)
         if call is not None:
-            kwargs[bounds.LIMIT_KW] = call
+            kwargs[bounds.LIMIT_KW] = bounds.check_limit(call, f"apply_async({bounds.OPTION})")
         return super().basic_publish(message, exchange, routing_key, **kwargs)
 
     def _put(self, queue: str, message: Message, **kwargs: Any) -> None:
         lane = self.lane
+        self.last_put_shed = False
         limits = self.connection.client.transport_options.get(bounds.BOUNDS_OPTION)
         if not isinstance(limits, bounds.Bounds):  # a bare Connection: the lane's own bound
-            lane.put(queue, message)
+            self.last_put_shed = not lane.put(queue, message)
             return
-        delay = limits.publish_delay(message.get("headers"))
-        if delay is not None and delay > limits.eta_horizon_s:
+        delay = limits.park_delay(message.get("headers"), limits.eta_horizon_s)
+        if delay is not None:
             lane.park(queue, message, delay)  # a far-future ETA (see backpressure)
             return
         call = kwargs.get(bounds.LIMIT_KW)  # queue_limits, @app.task(max_queued=), the call's
         task = (message.get("headers") or {}).get("task")
-        lane.put(queue, message, limits.limit(queue, task, None if call is None else int(call)))
+        limit = limits.limit(queue, task, call)
+        try:
+            kept = lane.put(queue, message, limit, limits.policy, limits.block_timeout_s)
+        except QueueFull:
+            limits.count_full(queue)
+            raise
+        self.last_put_shed = not kept
+        if not kept:
+            limits.count_shed(queue, 1)
 
     def _put_fanout(self, exchange: str, message: Message, routing_key: str, **kwargs: Any) -> None:
         for queue in self._lookup(exchange, routing_key):
@@ -531,14 +564,26 @@ class Transport(virtual.Transport):  # type: ignore[misc]
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
         lanes = client.transport_options.get(LANES_OPTION)
-        if not isinstance(lanes, Lanes):
+        # No lane is an error only once used: Celery also builds a Connection just to
+        # print a masked URL (``inspect conf``, Flower's Config tab).
+        self._lane = (
+            lanes.get(lane_name(client.hostname, client.virtual_host))
+            if isinstance(lanes, Lanes)
+            else None
+        )
+        if self._lane is not None:
+            self.state = self._lane.broker_state
+        self._closed = False
+
+    @property
+    def lane(self) -> Lane:
+        """The lane this connection reaches (LaneNotInstalled when there is none)."""
+        if self._lane is None:
             raise LaneNotInstalled(
                 "local:// has no lane for this connection: call celery_ext.install(app) "
                 "before connecting (or pass transport_options={'celery_ext_lanes': Lanes(...)})"
             )
-        self.lane = lanes.get(lane_name(client.hostname, client.virtual_host))
-        self.state = self.lane.broker_state
-        self._closed = False
+        return self._lane
 
     def driver_version(self) -> str:
         return "1"
@@ -749,77 +794,6 @@ class DrainReport:
     waited_s: float = 0.0
 
 
-class ThreadPool(BasePool):  # type: ignore[misc]
-    """A threads pool for the embedded worker: N plain threads on one job queue.
-
-    Unlike Celery's threads pool it creates no Future per task, its threads see
-    the worker's app as ``current_app`` (stock threads fall back to the process
-    default app), and stopping it waits at most ``join_timeout_s`` for running
-    tasks (threads cannot be interrupted; stragglers are reported, not killed).
-
-    Example::
-
-        LocalWorker(app, pool="threads")   # uses this class
-    """
-
-    body_can_be_buffer = True
-    signal_safe = False
-    join_timeout_s: float | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._jobs: SimpleQueue[tuple[Any, ...] | None] = SimpleQueue()
-        self._threads: list[threading.Thread] = []
-
-    def on_start(self) -> None:
-        for i in range(self.limit):
-            thread = threading.Thread(target=self._work, name=f"celery_ext-pool-{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def _work(self) -> None:
-        if self.app is not None:
-            self.app.set_current()
-        get = self._jobs.get
-        while (job := get()) is not None:
-            apply_target(*job)
-
-    def on_apply(
-        self,
-        target: Callable[..., Any],
-        args: tuple[Any, ...] | None = None,
-        kwargs: dict[str, Any] | None = None,
-        callback: Callable[..., Any] | None = None,
-        accept_callback: Callable[..., Any] | None = None,
-        **_: Any,
-    ) -> None:
-        self._jobs.put((target, args, kwargs, callback, accept_callback))
-
-    def on_stop(self) -> None:
-        # Jobs not started yet are dropped (their messages are unacked and go back
-        # to the lane when the consumer's channel closes).
-        while True:
-            try:
-                self._jobs.get_nowait()
-            except Empty:
-                break
-        for _ in self._threads:
-            self._jobs.put(None)
-        deadline = None if self.join_timeout_s is None else monotonic() + self.join_timeout_s
-        for thread in self._threads:
-            thread.join(None if deadline is None else max(0.0, deadline - monotonic()))
-        super().on_stop()
-
-    def alive_threads(self) -> int:
-        """Pool threads still running (a task that outlived the stop deadline)."""
-        return sum(t.is_alive() for t in self._threads)
-
-    def _get_info(self) -> dict[str, Any]:
-        info: dict[str, Any] = super()._get_info()
-        info.update({"max-concurrency": self.limit, "threads": len(self._threads)})
-        return info
-
-
 class WakeableTimer(timer2.Timer):  # type: ignore[misc]
     """Celery's timer thread, sleeping on its condition instead of ``time.sleep``.
 
@@ -878,6 +852,9 @@ class _LateStrategies(dict[str, Any]):
         if task is None:
             raise KeyError(name)
         app = consumer.app
+        from ._tasks import apply_task_options
+
+        apply_task_options(task)
         strategy = task.start_strategy(app, consumer)
         wrap = getattr(consumer, "celery_ext_wrap_strategy", None)
         strategy = self[name] = wrap(strategy) if wrap is not None else strategy
@@ -885,8 +862,14 @@ class _LateStrategies(dict[str, Any]):
         return strategy
 
 
-def _embedded_classes(app: Celery, ready: threading.Event) -> tuple[Any, Any]:
-    """The WorkController and Consumer subclasses of one LocalWorker."""
+def _embedded_classes(
+    app: Celery, ready: threading.Event, lane_url: str | None = None
+) -> tuple[Any, Any]:
+    """The WorkController and Consumer subclasses of one LocalWorker.
+
+    ``lane_url``: consume that local lane instead of the app's broker (an app
+    whose ``durable=False`` tasks run in this process).
+    """
     consumer_base = symbol_by_name(app.conf.worker_consumer)
 
     class EmbeddedConsumer(consumer_base):  # type: ignore[misc, valid-type]
@@ -896,7 +879,20 @@ def _embedded_classes(app: Celery, ready: threading.Event) -> tuple[Any, Any]:
             super().__init__(*args, **kwargs)
             self.strategies.consumer = self
 
+        def connection_for_read(self, heartbeat: Any = None) -> Any:
+            if lane_url is None:
+                return super().connection_for_read(heartbeat)
+            return self.ensure_connected(
+                self.app.connection_for_read(url=lane_url, transport="local", heartbeat=heartbeat)
+            )
+
     class EmbeddedWorkController(app.WorkController):  # type: ignore[misc]
+        celery_ext_embedded = True  # LocalWorker.stop() drains; the Drain step stands aside
+
+        def should_use_eventloop(self) -> bool:
+            # Celery decides from the app's broker; the lane is consumed by polling.
+            return lane_url is None and bool(super().should_use_eventloop())
+
         def on_consumer_ready(self, consumer: Any) -> None:
             super().on_consumer_ready(consumer)
             ready.set()
@@ -939,7 +935,9 @@ class LocalWorker:
                 "monkeypatched `celery worker -P gevent` process"
             )
         self.app = app
-        self.lane = lane_of(app)
+        # An app on Redis/RabbitMQ: the worker serves its local lane (durable=False tasks).
+        self.lane_url = None if _is_local(app) else "local://"
+        self.lane = lane_of(app, self.lane_url)
         settings = settings_of(app)
         self.drain_timeout_s = settings.drain_timeout if drain_timeout is None else drain_timeout
         self.queues = list(queues) if queues else None
@@ -971,11 +969,11 @@ class LocalWorker:
         app.finalize()
         options = dict(self._options)
         if options["pool"] == "threads":
-            options["pool"] = ThreadPool
+            options["pool"] = TimeoutPool
         options.setdefault("timer_cls", WakeableTimer)
         if self.queues:
             options["queues"] = self.queues
-        controller_cls, consumer_cls = _embedded_classes(app, self._ready)
+        controller_cls, consumer_cls = _embedded_classes(app, self._ready, self.lane_url)
         controller = controller_cls(
             app=app,
             hostname=self.hostname,
@@ -987,7 +985,7 @@ class LocalWorker:
         signals.task_failure.connect(self._on_failure, weak=False)
 
         def run() -> None:
-            app.set_current()  # solo and the consumer run here; see ThreadPool
+            app.set_current()  # the consumer runs here; see TimeoutPool
             controller.start()
 
         self._thread = threading.Thread(target=run, name=f"celery_ext-{self.hostname}", daemon=True)
@@ -1033,13 +1031,13 @@ class LocalWorker:
         drained = self._wait(lambda: self._idle(queues, deadline) or self._dead(), timeout)
         grace = max(0.0, timeout - (monotonic() - start)) + STOP_GRACE_S
         pool = getattr(self._controller, "pool", None)
-        if isinstance(pool, ThreadPool):
+        if isinstance(pool, TimeoutPool):
             pool.join_timeout_s = grace
         self._controller.stop(in_sighandler=False)
         lane.wake()
         self._thread.join(grace)
         still_running = self._thread.is_alive() or (
-            isinstance(pool, ThreadPool) and pool.alive_threads() > 0
+            isinstance(pool, TimeoutPool) and pool.alive_threads() > 0
         )
         self._disconnect()
         dropped_ids: list[str] = []
@@ -1151,14 +1149,19 @@ class LocalWorker:
             raise self._failures.pop(0)
 
 
-def lane_of(app: Celery) -> Lane:
-    """The lane ``app``'s broker URL points at.
+def _is_local(app: Celery) -> bool:
+    return str(app.conf.broker_url or "").startswith("local://")
+
+
+def lane_of(app: Celery, url: str | None = None) -> Lane:
+    """The lane ``app``'s broker URL (or ``url``, a ``local://`` one) points at.
 
     Example::
 
         lane_of(app).depth("celery")
     """
-    with app.connection_for_write() as conn:
+    options = {"transport": "local"} if url else {}
+    with app.connection_for_write(url=url, **options) as conn:
         transport = conn.transport
         if not isinstance(transport, Transport):
             raise ImproperlyConfigured(

@@ -57,6 +57,20 @@ def amqp_url() -> str:
     return f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}//"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _clean_our_redis_keys() -> Iterator[None]:
+    """At the end of the run, delete what this run left in our Redis db (lists,
+    dead letters, kombu bindings named after its queues)."""
+    yield
+    if not _reachable(REDIS_HOST, REDIS_PORT):
+        return
+    import redis
+
+    client = redis.Redis(REDIS_HOST, REDIS_PORT, db=REDIS_DB)
+    for key in client.scan_iter(match=f"*celery_ext.test.{RUN_ID}.*"):
+        client.delete(key)
+
+
 @pytest.fixture
 def unique_queue() -> str:
     """A queue name no other test or run uses."""
@@ -66,18 +80,9 @@ def unique_queue() -> str:
 @pytest.fixture(params=["local", "redis", "amqp"])
 def broker_app(request: pytest.FixtureRequest, unique_queue: str) -> Iterator[Celery]:
     """An installed app on each real broker, with its own default queue."""
-    url = (
-        "local://" if request.param == "local" else request.getfixturevalue(f"{request.param}_url")
-    )
-    app = Celery(
-        f"celery_ext_{request.param}_{uuid.uuid4().hex[:6]}", broker=url, set_as_current=False
-    )
-    app.conf.update(
-        task_default_queue=unique_queue,
-        result_backend="cache+memory://",
-        broker_connection_retry_on_startup=False,
-        worker_hijack_root_logger=False,
-    )
+    from tests.helpers import broker_url, new_app
+
+    app = new_app(broker_url(request, request.param), unique_queue)
     celery_ext.install(app)
     yield app
     if request.param != "local":

@@ -8,44 +8,32 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
 
 import celery_ext
 from celery_ext import LocalWorker
+from celery_ext.delays import AmqpParking
 from celery_ext.local import lane_of
-
-
-def wait_for(check: Callable[[], object], timeout: float = 20.0, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(every)
+from tests.helpers import broker_url, embedded_worker, inspect_stats, new_app, wait_for
 
 
 @pytest.fixture(params=["local", "redis", "amqp"])
 def app(request: pytest.FixtureRequest, unique_queue: str) -> Iterator[Celery]:
-    url = (
-        "local://" if request.param == "local" else request.getfixturevalue(f"{request.param}_url")
-    )
-    app = Celery(f"bp_{uuid.uuid4().hex[:6]}", broker=url, set_as_current=False)
-    app.conf.update(
-        task_default_queue=unique_queue,
-        worker_hijack_root_logger=False,
-        broker_connection_retry_on_startup=False,
-    )
+    app = new_app(broker_url(request, request.param), unique_queue)
     if request.param == "amqp":
-        app.conf.broker_heartbeat = 0  # the embedded amqp worker stops ~10 s faster
+        # Delay queues of this test's own: hour-long parked messages are deleted below
+        # instead of waiting on the shared server.
+        app.conf.celery_ext_park_prefix = f"test_{uuid.uuid4().hex[:8]}"
     yield app
     if request.param == "amqp":
         with app.connection_for_write() as conn:
             conn.default_channel.queue_delete(unique_queue)
+            AmqpParking(conn.default_channel, prefix=app.conf.celery_ext_park_prefix).delete()
     if request.param == "redis":
         with app.connection_for_write() as conn:
             client = conn.default_channel.client
@@ -53,28 +41,11 @@ def app(request: pytest.FixtureRequest, unique_queue: str) -> Iterator[Celery]:
             client.hdel("celery_ext.parked", f"celery_ext.parked:{unique_queue}")
 
 
-@contextmanager
-def worker(app: Celery, **options: Any) -> Iterator[Any]:
-    if app.conf.broker_url.startswith("local://"):
-        queues = [app.conf.task_default_queue]
-        with LocalWorker(app, concurrency=2, queues=queues, drain_timeout=1, **options) as w:
-            yield w
-    else:
-        with start_worker(
-            app,
-            pool=options.pop("pool", "threads"),
-            concurrency=2,
-            perform_ping_check=False,
-            queues=[app.conf.task_default_queue],
-            **options,
-        ) as w:
-            yield w
+worker = embedded_worker
 
 
 def stats(app: Celery, hostname: str) -> dict[str, Any]:
-    reply = app.control.inspect(destination=[hostname], timeout=5).stats()
-    assert reply and hostname in reply, reply
-    info: dict[str, Any] = reply[hostname]["celery_ext"]
+    info: dict[str, Any] = inspect_stats(app, hostname)["celery_ext"]
     return info
 
 
@@ -182,7 +153,8 @@ def test_prefetch_limit_cli_option_reaches_the_worker(redis_url: str, unique_que
     env = dict(os.environ, CELERY_EXT_TEST_BROKER=redis_url, CELERY_EXT_TEST_QUEUE=unique_queue)
     cmd = [
         sys.executable, "-m", "celery", "-A", "tests.apps.cli_app", "worker",
-        "-P", "threads", "-c", "2", "-n", hostname, "--prefetch-limit", "7",
+        "-P", "threads", "-c", "2", "-n", hostname,
+        "--prefetch-limit", "7", "--prefetch-bytes", "65536",
         "-Q", unique_queue, "--without-mingle", "--without-gossip", "-l", "WARNING",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).parent.parent)
@@ -191,6 +163,8 @@ def test_prefetch_limit_cli_option_reaches_the_worker(redis_url: str, unique_que
         wait_for(lambda: app.control.ping(destination=[hostname], timeout=0.5), timeout=30)
         info = app.control.inspect(destination=[hostname], timeout=5).stats()[hostname]
         assert info["celery_ext"]["prefetch_limit"] == 7
+        assert info["celery_ext"]["prefetch_bytes"] == 65536
+        assert info["celery_ext"]["eta_buffer"] == 1  # a tenth of the limit, at least 1
     finally:
         proc.terminate()
         proc.wait(30)
@@ -255,3 +229,34 @@ def test_queue_bounds_are_visible_in_inspect_stats(unique_queue: str) -> None:
         info = stats(app, w.hostname)
     assert info["queue_limits"] == {unique_queue: 5}
     assert (info["queue_full_policy"], info["shed_total"]) == ("block", 0)
+
+
+def test_prefetch_bytes_caps_the_bytes_a_worker_holds(app: Celery) -> None:
+    cap = 20_000
+    celery_ext.install(app, prefetch_limit=100, prefetch_bytes=cap)
+    gate = threading.Event()
+    ran: list[int] = []
+
+    @app.task(shared=False, name="bp.big")
+    def big(i: int, payload: str) -> None:
+        gate.wait(20)
+        ran.append(i)
+
+    for i in range(30):
+        big.delay(i, "x" * 4000)  # ~4.3 kB bodies: at most 4 fit under the cap
+    with worker(app) as w:
+        # Both threads busy, the rest held or left on the broker.
+        wait_for(lambda: stats(app, w.hostname)["held_bytes"] >= 3 * 4000)
+        samples = [stats(app, w.hostname) for _ in range(5)]
+        gate.set()
+        wait_for(lambda: len(ran) == 30, timeout=30)
+        # A task appends before its message is acked: wait for the last acks.
+        wait_for(lambda: stats(app, w.hostname)["held_bytes"] == 0)
+        final = stats(app, w.hostname)
+    for info in samples:
+        assert info["prefetch_bytes"] == cap and info["held_bytes"] <= cap, info
+        assert info["held"] <= 2 + 4, info  # 2 running + 4 held; a 5th would cross the cap
+    assert final["held_bytes_peak"] <= cap and final["held_bytes"] == 0, final
+    assert final["bytes_requeued"] >= 1, final  # the 5th message was handed back
+    assert sorted(ran) == list(range(30))  # requeued messages are not lost nor doubled
+

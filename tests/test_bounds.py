@@ -20,10 +20,12 @@ from celery_ext import ConfigurationError, LocalWorker, QueueFull, enqueue_many
 from celery_ext.bounds import (
     AmqpChannel,
     BatchQueueFull,
+    Bounds,
     RedisChannel,
     RedissTransport,
     shed_count,
 )
+from celery_ext.local import lane_of
 
 PRIORITY_SEP = "\x06\x16"
 
@@ -57,6 +59,8 @@ class Broker:
         return app
 
     def depth(self, queue: str) -> int:
+        if self.kind == "local":
+            return lane_of(self.apps[-1]).depth(queue)
         if self.kind == "redis":
             client = redis.Redis.from_url(self.url)
             names = [queue] + [f"{queue}{PRIORITY_SEP}{p}" for p in (3, 6, 9)]
@@ -66,6 +70,9 @@ class Broker:
 
     def take(self, queue: str) -> Any:
         """Consume (and ack) one message with plain kombu, or None."""
+        if self.kind == "local":  # the lane belongs to the app
+            with self.apps[-1].connection_for_write() as conn:
+                return conn.default_channel.basic_get(queue, no_ack=True)
         with Connection(self.url) as conn:
             message = conn.default_channel.basic_get(queue, no_ack=True)
             return message
@@ -73,6 +80,8 @@ class Broker:
     def cleanup(self) -> None:
         for app in self.apps:
             app.close()
+        if self.kind == "local":
+            return  # the lanes die with their apps
         if self.kind == "redis":
             client = redis.Redis.from_url(self.url)
             for queue in self.queues:
@@ -88,11 +97,23 @@ class Broker:
                     conn.default_channel.queue_delete(queue)
 
 
-@pytest.fixture(params=["redis", "amqp"])
-def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
-    b = Broker(request.param, request.getfixturevalue(f"{request.param}_url"))
+def _broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    kind = request.param
+    b = Broker(kind, "local://" if kind == "local" else request.getfixturevalue(f"{kind}_url"))
     yield b
     b.cleanup()
+
+
+@pytest.fixture(params=["local", "redis", "amqp"])
+def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    """Each broker a bound is enforced on: the local lane, Redis and RabbitMQ."""
+    yield from _broker(request)
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def server(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    """The brokers with a stock kombu transport to compare with."""
+    yield from _broker(request)
 
 
 def noop_task(app: Celery, **options: Any) -> Any:
@@ -121,6 +142,7 @@ def test_full_queue_raises_queue_full(broker: Broker, unique_queue: str) -> None
     assert (info.value.queue, info.value.limit, info.value.depth) == (unique_queue, 3, 3)
     assert info.value.waited_s == 0
     assert broker.depth(unique_queue) == 3
+    assert Bounds.of(app).full(unique_queue) == 1  # inspect stats: celery_ext.queue_full_total
 
 
 def test_block_waits_then_raises(broker: Broker, unique_queue: str) -> None:
@@ -138,6 +160,7 @@ def test_block_waits_then_raises(broker: Broker, unique_queue: str) -> None:
     assert info.value.limit == 2 and info.value.depth == 2
     assert 0.3 <= info.value.waited_s < 30
     assert broker.depth(unique_queue) == 2
+    assert Bounds.of(app).full() == 1
 
 
 def test_block_succeeds_when_a_consumer_makes_room(broker: Broker, unique_queue: str) -> None:
@@ -313,7 +336,8 @@ def test_enqueue_many_checks_its_arguments(broker: Broker, unique_queue: str) ->
 
 
 # -- drop-in: no bound configured ------------------------------------------------------------
-def test_without_bounds_an_app_publishes_as_stock(broker: Broker, unique_queue: str) -> None:
+def test_without_bounds_an_app_publishes_as_stock(server: Broker, unique_queue: str) -> None:
+    broker = server
     app = broker.app(unique_queue)
     noop = noop_task(app)
     for i in range(30):
@@ -473,3 +497,16 @@ def test_install_keeps_an_explicit_transport_and_tls_defaults() -> None:
     conn = amqps.connection_for_write()
     assert conn.transport is not None and conn.ssl is True
     assert conn.transport.default_connection_params["port"] == 5671
+
+
+def test_the_lanes_own_bound_can_shed(unique_queue: str) -> None:
+    app = Celery("bounds_local3", broker="local://", set_as_current=False)
+    app.conf.task_default_queue = unique_queue
+    celery_ext.install(app, lane_max_queued=2, lane_full_policy="shed")
+    noop = noop_task(app)
+    results = [noop.delay(i) for i in range(5)]
+    assert lane_of(app).depth(unique_queue) == 2
+    assert shed_count(app, unique_queue) == 3 and lane_of(app).shed_total == 3
+    with app.connection_for_write() as conn:
+        kept = [conn.default_channel.basic_get(unique_queue, no_ack=True) for _ in range(2)]
+    assert [m.headers["id"] for m in kept] == [r.id for r in results[:2]]

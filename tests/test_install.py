@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -55,6 +56,16 @@ def test_local_url_without_install_says_what_to_do() -> None:
         Connection("local://", transport=Transport).connect()
 
 
+def test_printing_a_local_url_needs_no_lane() -> None:
+    # Celery masks broker URLs in `inspect conf` (Flower's Config tab) this way.
+    assert Connection("local://", transport=Transport).as_uri(mask="**")  # no LaneNotInstalled
+    app = Celery("conf_probe", broker="local://", set_as_current=False)
+    celery_ext.install(app)
+    with LocalWorker(app) as worker:
+        reply = app.control.inspect(destination=[worker.hostname], timeout=5).conf()
+    assert reply[worker.hostname]["broker_url"].startswith("local://")
+
+
 def test_two_apps_in_one_process_never_share_a_lane() -> None:
     a = Celery("iso_a", broker="local://", set_as_current=False)
     b = Celery("iso_b", broker="local://", set_as_current=False)
@@ -104,3 +115,24 @@ def test_each_local_url_is_its_own_lane() -> None:
     assert names == ["", "other", "other/vh", "other"]
     lanes = Lanes.of(app)
     assert lanes.get("other") is not lanes.get("")
+
+
+def test_install_adds_the_intake_step_and_hands_the_size_cap_to_the_transports(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from celery_ext.intake import Intake
+    from celery_ext.sizes import LIMIT_OPTION
+
+    caplog.set_level(logging.WARNING, logger="celery_ext.sizes")  # workers raise the root level
+    app = Celery("uncapped", broker="local://", set_as_current=False)
+    celery_ext.install(app)
+    assert Intake in app.steps["consumer"]
+    assert LIMIT_OPTION not in app.conf.broker_transport_options  # stock: no cap
+    capped = Celery("capped", broker="redis://127.0.0.1:6379/11", set_as_current=False)
+    celery_ext.install(capped, max_message_bytes=1000)
+    assert capped.conf.broker_transport_options[LIMIT_OPTION] == 1000
+    assert "max_message_bytes" not in caplog.text
+    custom = Celery("custom", broker="redis://127.0.0.1:6379/11", set_as_current=False)
+    custom.conf.broker_transport = "kombu.transport.redis:Transport"
+    celery_ext.install(custom, max_message_bytes=1000)
+    assert "max_message_bytes is not checked when publishing" in caplog.text

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.exceptions import ImproperlyConfigured
+from kombu.asynchronous import set_event_loop
 
 import celery_ext
 from celery_ext import LocalWorker, QueueFull
@@ -188,8 +189,13 @@ def test_prefork_is_refused_with_the_pools_that_work() -> None:
 def test_prefork_is_still_allowed_on_other_brokers() -> None:
     app = Celery("pf", broker="redis://127.0.0.1:1/0", set_as_current=False)
     celery_ext.install(app)
-    worker = app.WorkController(pool="prefork", concurrency=1)
-    assert worker.pool_cls.__module__ == "celery.concurrency.prefork"
+    try:
+        worker = app.WorkController(pool="prefork", concurrency=1)
+        assert worker.pool_cls.__module__ == "celery.concurrency.prefork"
+    finally:
+        # Building a worker sets kombu's process-wide event loop; a later worker in
+        # this process would reuse it (and its never-started timer).
+        set_event_loop(None)
 
 
 def test_join_reraises_the_first_failure_at_once() -> None:

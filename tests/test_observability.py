@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 import uuid
@@ -56,10 +57,70 @@ def test_flower_in_process_sees_local_lane_workers_and_task_events(
 
         poll(tasks_seen)
 
-        def worker_listed() -> bool:
+        def worker_listed() -> dict[str, Any]:
             _, body = get(flower.url + f"/api/workers?workername={worker.hostname}&refresh=1")
-            return worker.hostname in json.loads(body)
+            section: dict[str, Any] = (
+                json.loads(body).get(worker.hostname, {}).get("stats", {}).get("celery_ext", {})
+            )
+            return section
 
-        poll(worker_listed)
+        section = poll(worker_listed)  # the celery_ext section of the lane's worker
+        assert section["tasks"]["succeeded"] == 3 and section["drain"]["state"] == "running"
         status, page = get(flower.url + f"/worker/{worker.hostname}")
-        assert status == 200 and worker.hostname in page
+        assert status == 200 and worker.hostname in page and "prefetch_limit" in page
+
+
+def test_flower_sees_a_hard_time_limit_as_a_failed_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWER_UNAUTHENTICATED_API", "true")
+    app = Celery(f"flower_to_{uuid.uuid4().hex[:6]}", broker="local://", set_as_current=False)
+    app.conf.update(worker_send_task_events=True, worker_hijack_root_logger=False)
+    celery_ext.install(app)
+
+    @app.task(shared=False, name="flower.stuck", timeout=0.3)
+    def stuck() -> None:
+        time.sleep(3)  # in C: only the hard limit ends it
+
+    with LocalWorker(app, pool="threads"), start_flower(app, port=0) as flower:
+        task_id = stuck.delay().id
+
+        def failed() -> bool:
+            _, body = get(flower.url + "/api/tasks")
+            task = json.loads(body).get(task_id) or {}
+            # Celery's timeout event names the wrapper in "exception" (a stock quirk, on
+            # prefork too); the traceback carries TimeLimitExceeded.
+            return task.get("state") == "FAILURE" and "TimeLimitExceeded" in str(
+                task.get("traceback")
+            )
+
+        poll(failed)
+
+
+def test_flower_shows_a_retry_with_its_reason_and_next_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLOWER_UNAUTHENTICATED_API", "true")
+    app = Celery(f"flower_rt_{uuid.uuid4().hex[:6]}", broker="local://", set_as_current=False)
+    app.conf.update(worker_send_task_events=True, worker_hijack_root_logger=False)
+    celery_ext.install(app)
+    gate = threading.Event()
+
+    @app.task(shared=False, name="flower.flaky")
+    @celery_ext.retry(attempts=3, wait=celery_ext.fixed(0.2))
+    def flaky() -> str:
+        if not gate.is_set():
+            gate.set()
+            raise ConnectionError("reset by peer")
+        return "ok"
+
+    with LocalWorker(app, pool="threads"), start_flower(app, port=0) as flower:
+        task_id = flaky.delay().id
+
+        def retried() -> bool:
+            _, body = get(flower.url + "/api/tasks")
+            task = json.loads(body).get(task_id) or {}
+            return bool(task.get("retried")) and task.get("state") == "SUCCESS"
+
+        poll(retried)
+        _, body = get(flower.url + "/api/tasks")
+        exception = json.loads(body)[task_id]["exception"]
+    assert "ConnectionError: reset by peer; attempt 2 in 0.2s" in exception

@@ -61,6 +61,17 @@ def test_misspelt_override_is_refused_too() -> None:
         ("lane_block_timeout", "1s", "seconds"),
         ("lane_block_timeout", -1, ">= 0"),
         ("drain_timeout", float("nan"), "finite"),
+        ("prefetch_bytes", 0, "integer >= 1"),
+        ("eta_buffer", -3, "integer >= 1"),
+        ("queue_full_policy", "drop", "'block', 'raise', 'shed'"),
+        ("dead_letter_queue", "", "a queue name"),
+        ("dead_letter_queue", 5, "a queue name"),
+        ("park_prefix", "", "a queue name"),
+        ("probe_port", 70000, "a port"),
+        ("probe_file", "", "a file path"),
+        ("max_message_bytes", 0, "integer >= 1"),
+        ("max_message_bytes", "1MB", "integer >= 1"),
+        ("max_message_bytes", 1.5e6, "integer >= 1"),
     ],
 )
 def test_wrong_type_or_range_names_key_value_and_expectation(
@@ -72,6 +83,26 @@ def test_wrong_type_or_range_names_key_value_and_expectation(
     message = str(info.value)
     assert f"celery_ext_{key}={value!r}" in message
     assert expected in message
+
+
+class _Wrong:
+    """A value no setting accepts."""
+
+    def __repr__(self) -> str:
+        return "<wrong>"
+
+
+@pytest.mark.parametrize("key", Settings.names())
+def test_every_setting_refuses_a_value_of_the_wrong_type_at_install(key: str) -> None:
+    app = make_app(**{f"celery_ext_{key}": _Wrong()})
+    with pytest.raises(ConfigurationError, match=f"celery_ext_{key}=<wrong>"):
+        celery_ext.install(app)
+
+
+def test_max_message_bytes_is_off_by_default_and_takes_an_int() -> None:
+    assert Settings().max_message_bytes is None
+    settings = celery_ext.install(make_app(celery_ext_max_message_bytes=1_000_000))
+    assert settings.max_message_bytes == 1_000_000
 
 
 def test_configuration_error_is_a_value_error() -> None:

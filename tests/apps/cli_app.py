@@ -12,4 +12,7 @@ app = Celery(
     "cli_app", broker=os.environ.get("CELERY_EXT_TEST_BROKER", "redis://127.0.0.1:6379/11")
 )
 app.conf.task_default_queue = os.environ.get("CELERY_EXT_TEST_QUEUE", "celery")
+app.conf.celery_ext_dead_letter_queue = os.environ.get(
+    "CELERY_EXT_TEST_DLQ", "celery_ext.dead_letters"
+)
 celery_ext.install(app)
