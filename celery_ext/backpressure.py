@@ -183,6 +183,8 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
             c.strategies[name] = self.wrap(c, strategy)
         c.celery_ext_wrap_strategy = lambda strategy: self.wrap(c, strategy)
         c.celery_ext_backpressure = self
+        # Celery calls this from the ack callback (a pool thread on the threads pool).
+        c._restore_prefetch_count_after_connection_restart = lambda *_: self._restore_prefetch(c)
         if isinstance(self.store, RedisParking) and self._timer_entry is None:
             self._timer_entry = c.timer.call_repeatedly(self.park_interval_s, self._move_due)
         if self.budget is not None and self._relax_entry is None:
@@ -195,6 +197,27 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         self._timer_entry = self._relax_entry = None
 
     shutdown = stop
+
+    def _restore_prefetch(self, c: Any) -> None:
+        """Celery's gradual prefetch restore after a reconnect, sent by the consumer loop.
+
+        Stock Celery sends ``basic.qos`` right from the ack callback. On the
+        threads pool that is a pool thread, which then reads the AMQP connection
+        the consumer loop is reading: frames get split between the two
+        (``UnexpectedFrame``) and the worker stalls for tens of seconds. Here
+        only ``qos.value`` changes; the loop sends it before it reads again.
+        The window grows back to the ready window, not beyond it.
+        """
+        with c.qos._mutex:
+            reduction = c.app.conf.worker_enable_prefetch_count_reduction
+            if c._maximum_prefetch_restored or not reduction:
+                return
+            window = min(int(c.max_prefetch_count), self.ready_window)
+            new = min(window, int(c.initial_prefetch_count) + int(c.prefetch_multiplier))
+            eta = self.eta_held(c)
+            c.initial_prefetch_count = new
+            c.qos.value = min(int(c.qos.max_prefetch or QOS_MAX), new + eta)
+            c._maximum_prefetch_restored = new >= window
 
     def _move_due(self) -> None:
         try:

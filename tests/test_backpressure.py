@@ -260,3 +260,51 @@ def test_prefetch_bytes_caps_the_bytes_a_worker_holds(app: Celery) -> None:
     assert final["bytes_requeued"] >= 1, final  # the 5th message was handed back
     assert sorted(ran) == list(range(30))  # requeued messages are not lost nor doubled
 
+
+def test_after_a_reconnect_the_prefetch_grows_back_from_the_consumer_thread(
+    amqp_url: str, unique_queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stock Celery shrinks the prefetch after a reconnect (tasks still run) and grows it
+    # back from each ack's callback, sending basic.qos from there: on the threads pool a
+    # pool thread then reads the connection the consumer reads (UnexpectedFrame, stalls).
+    import amqp
+
+    from tests.chaos.harness import AMQP, TcpProxy
+
+    callers: set[str] = set()
+    basic_qos = amqp.Channel.basic_qos
+
+    def recorded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        callers.add(threading.current_thread().name)
+        return basic_qos(self, *args, **kwargs)
+
+    monkeypatch.setattr(amqp.Channel, "basic_qos", recorded)
+    done: set[int] = set()
+    with TcpProxy(AMQP) as proxy:
+        app = new_app(f"amqp://guest:guest@127.0.0.1:{proxy.port}//", unique_queue)
+        celery_ext.install(app, prefetch_limit=20)
+
+        @app.task(shared=False, name="bp.slow", acks_late=True)
+        def slow(n: int) -> None:
+            time.sleep(0.05)
+            done.add(n)
+
+        try:
+            for n in range(200):
+                slow.delay(n)
+            with worker(app, concurrency=4) as w:
+                consumer = w.consumer
+                wait_for(lambda: len(done) >= 20)
+                proxy.cut()
+                wait_for(lambda: consumer.restart_count >= 1, timeout=30)
+                wait_for(lambda: len(done) == 200, timeout=90)
+                wait_for(lambda: consumer._maximum_prefetch_restored, timeout=30)
+                window = consumer.celery_ext_backpressure.ready_window
+                assert consumer.initial_prefetch_count == window
+                wait_for(lambda: consumer.qos.prev == consumer.qos.value)
+        finally:
+            with app.connection_for_write() as conn:
+                conn.default_channel.queue_delete(unique_queue)
+                conn.default_channel.exchange_delete(unique_queue)
+            app.close()
+    assert not [name for name in callers if name.startswith("celery_ext-pool")], callers
