@@ -261,6 +261,7 @@ def test_prefetch_bytes_caps_the_bytes_a_worker_holds(app: Celery) -> None:
     assert sorted(ran) == list(range(30))  # requeued messages are not lost nor doubled
 
 
+@pytest.mark.filterwarnings("ignore::celery.exceptions.CPendingDeprecationWarning")
 def test_after_a_reconnect_the_prefetch_grows_back_from_the_consumer_thread(
     amqp_url: str, unique_queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
