@@ -50,6 +50,8 @@ def soak(brokers: list[str], rounds: int, tasks: int, deadline_s: float) -> list
                         "sigkill": result.kills,
                         "broker_cuts": result.cuts,
                         "seconds": round(result.seconds, 1),
+                        "longest_drain_s": round(result.longest_drain_s, 1),
+                        "exit_1": result.exit_codes.count(1),
                     }
                 )
     return rows
@@ -58,8 +60,9 @@ def soak(brokers: list[str], rounds: int, tasks: int, deadline_s: float) -> list
 def table(rows: list[dict[str, Any]]) -> str:
     """Totals per broker and side as a markdown table."""
     lines = [
-        "| broker | side | rounds | tasks | lost | duplicates | SIGTERM | SIGKILL | cuts |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| broker | side | rounds | tasks | lost | duplicates | SIGTERM | SIGKILL | cuts "
+        "| slowest round s | longest drain s | workers exited 1 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     keys = sorted({(r["broker"], r["side"]) for r in rows}, key=lambda k: (k[0], k[1] != "stock"))
     for broker, side in keys:
@@ -69,7 +72,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {broker} | {side} | {len(mine)} | {total['tasks']:,} | {total['lost']:,} | "
             f"{total['duplicates']:,} | {total['sigterm']} | {total['sigkill']} | "
-            f"{total['broker_cuts']} |"
+            f"{total['broker_cuts']} | {max(r['seconds'] for r in mine):.1f} | "
+            f"{max(r.get('longest_drain_s', 0.0) for r in mine):.1f} | "
+            f"{sum(r.get('exit_1', 0) for r in mine)} |"
         )
     return "\n".join(lines)
 

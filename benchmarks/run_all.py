@@ -242,7 +242,10 @@ def render_chaos_soak(docs: list[Any]) -> str:
         + "\n\nlost: published tasks not completed by the round's deadline (the ledger lacks them)."
         " Stock Celery on Redis leaves a killed worker's messages unacked for"
         " `visibility_timeout` (1 h) and loses outright a message popped but not yet recorded."
-        " duplicates: extra runs (at-least-once)."
+        " duplicates: extra runs (at-least-once). slowest round: seconds until every task was"
+        " done (or the deadline); stock Celery's threads pool restores the prefetch after a"
+        " reconnect from a pool thread, which on RabbitMQ can stall a worker for tens of"
+        " seconds. longest drain: SIGTERM to exit. workers exited 1: died of an error."
     )
 
 
