@@ -47,6 +47,9 @@ def main() -> None:
     app.conf.update(
         task_default_queue=queue, task_ignore_result=True, worker_hijack_root_logger=False
     )
+    if args.broker == "amqp":
+        # With heartbeats the embedded worker's stop can outlast start_worker's 10 s timeout.
+        app.conf.broker_heartbeat = 0
     celery_ext.install(app, lane_max_queued=args.n + 10)
     done = {"n": 0}
     lock = threading.Lock()

@@ -142,7 +142,6 @@ def install(app: Celery, **overrides: Any) -> Settings:
     app.steps["worker"].add(local.LaneGuard)
     app.steps["worker"].add(timeouts.Timeouts)
     app.steps["worker"].add(durability.LaneWorker)
-    timeouts.connect_signals()
     _tasks.add_task_options(app)
     app.steps["consumer"].add(backpressure.Backpressure)
     app.steps["consumer"].add(shutdown.Drain)

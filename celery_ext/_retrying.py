@@ -276,7 +276,7 @@ class RetryingRequest(CountingRequest):
 
 
 def _started_wall(request: Any) -> float | None:
-    started = getattr(request, "celery_ext_started", None)  # set at task_prerun
+    started = getattr(request, "celery_ext_started", None)  # set by before_start (timeouts)
     if started is None:
         return None
     return time.time() - (time.monotonic() - float(started))

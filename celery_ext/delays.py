@@ -206,6 +206,8 @@ def parked_queue(routing_key: object) -> str | None:
     """
     if not isinstance(routing_key, str) or len(routing_key) <= _BIT_PREFIX:
         return None
+    if routing_key[1] != "." or routing_key[_BIT_PREFIX - 1] != ".":
+        return None  # the common case, any queue name: out before the full check
     head = routing_key[:_BIT_PREFIX]
     if head[1::2] != "." * _BITS or not set(head[0::2]) <= {"0", "1"}:
         return None

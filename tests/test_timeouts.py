@@ -114,6 +114,25 @@ def test_remaining_counts_down(app: Celery, pool: str) -> None:
     assert 0.15 < first - second < 0.2 + SLACK_S
 
 
+def test_a_task_s_own_before_start_still_runs_and_remaining_works(app: Celery) -> None:
+    # celery_ext stamps each run's start from before_start, chained to the task's own.
+    seen: list[str] = []
+
+    class Base(app.Task):  # type: ignore[name-defined,misc]
+        def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+            seen.append(task_id)
+
+    @app.task(base=Base, shared=False, name="t.own_before_start", soft_time_limit=5)
+    def left() -> float | None:
+        return celery_ext.remaining()
+
+    with worker(app, "threads"):
+        result = left.delay()
+        value = result.get(timeout=20)
+    assert seen == [result.id]
+    assert value is not None and 4.0 < value <= 5.0
+
+
 @pytest.mark.parametrize("pool", ["threads", "solo"])
 def test_async_tasks_run_and_are_cancelled_at_the_soft_limit(app: Celery, pool: str) -> None:
     tasks = define_tasks(app)
