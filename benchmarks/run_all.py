@@ -267,7 +267,7 @@ BENCHES = [
         "overhead",
         "overhead.py",
         "plugin overhead: no-op task throughput of a `celery worker`, stock vs `install(app)`",
-        {"": ["--tasks", "4000", "--rounds", "5", "--pools", "threads", "prefork", "--local"]},
+        {"": ["--tasks", "4000", "--rounds", "7", "--pools", "threads", "prefork", "--local"]},
         {"": ["--local"]},
         render_overhead,
     ),
