@@ -83,6 +83,9 @@ def worker(app: Celery, concurrency: int = 2) -> Iterator[Any]:
     ) as w:
         installed = Timeouts in app.steps["worker"]
         assert (type(w.pool) is TimeoutPool) is installed, type(w.pool)
+        # On Redis the worker subscribes to broadcasts (revoke, ping) at its event loop's
+        # first poll, after it reports ready: one sent before that is lost, on both sides.
+        wait_for(lambda: app.control.ping(destination=[w.hostname], timeout=0.5), timeout=20)
         yield w
 
 
