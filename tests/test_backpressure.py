@@ -214,11 +214,30 @@ def test_tasks_parked_by_their_producer_run_when_due(app: Celery) -> None:
     def stamp() -> None:
         started.append(time.time())
 
-    with worker(app):
+    with worker(app) as w:
         due = time.time() + 2.0
         stamp.apply_async(countdown=2.0)
-        wait_for(lambda: started, timeout=15)
+        try:
+            wait_for(lambda: started, timeout=15)
+        except AssertionError:  # say where the message is (seen once in CI, on amqp)
+            raise AssertionError(where_is_it(app, w.hostname)) from None
     assert due - 0.05 <= started[0] < due + 3.0
+
+
+def where_is_it(app: Celery, hostname: str) -> dict[str, Any]:
+    """The queue's depth, what waits in the delay levels and the worker's counts."""
+    queue = app.conf.task_default_queue
+    found: dict[str, Any] = {"worker": stats(app, hostname)}
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        if conn.transport.driver_type == "amqp":
+            found["queued"] = channel.queue_declare(queue, passive=True).message_count
+            parking = AmqpParking(channel, prefix=app.conf.celery_ext_park_prefix)
+            found["parked"] = parking.parked(queue)
+        elif conn.transport.driver_type == "redis":
+            found["queued"] = channel.client.llen(queue)
+            found["parked"] = channel.client.zcard(f"celery_ext.parked:{queue}")
+    return found
 
 
 def test_queue_bounds_are_visible_in_inspect_stats(unique_queue: str) -> None:
