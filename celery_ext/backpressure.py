@@ -234,11 +234,8 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         def handler(
             message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any
         ) -> Any:
-            # Inlined checks: this runs for every message, in the consumer's thread.
-            info = message.delivery_info
-            if info and _may_be_parked(info.get("routing_key")):
-                _restore_route(message)
-            if (message.headers or {}).get("eta"):
+            _restore_route(message)
+            if (message.headers or {}).get("eta"):  # checked here: most messages have none
                 if self._maybe_park(c, message):
                     return None
                 self._hold_eta(message)
@@ -342,11 +339,6 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
             "shed_total": limits.shed() if isinstance(limits, Bounds) else 0,
             "queue_full_total": limits.full() if isinstance(limits, Bounds) else 0,
         }
-
-
-def _may_be_parked(routing_key: object) -> bool:
-    """A cheap first look: could ``routing_key`` be a delay level's ("0.1.0. ... .queue")?"""
-    return isinstance(routing_key, str) and routing_key[1:2] == "."
 
 
 def _restore_route(message: Any) -> None:
