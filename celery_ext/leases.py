@@ -63,7 +63,7 @@ from celery import bootsteps
 from celery.worker import state as worker_state
 
 from ._settings import settings_of
-from .shutdown import requests_now
+from .shutdown import kept_written, requests_now
 
 __all__ = ["Leases"]
 
@@ -84,6 +84,7 @@ def _text(value: Any) -> str:
 def _held_tags(c: Any) -> set[str]:
     """Delivery tags of the messages this worker holds and has not acked."""
     requests = requests_now(worker_state.reserved_requests, worker_state.active_requests)
+    requests += kept_written(c)  # prefork, warm shutdown: a child runs them
     messages = [getattr(r, "_message", None) for r in requests]
     backpressure = getattr(c, "celery_ext_backpressure", None)
     if backpressure is not None:

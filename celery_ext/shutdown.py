@@ -149,7 +149,7 @@ class Drain(bootsteps.StartStopStep):  # type: ignore[misc]
             except Exception:  # the connection may already be gone: nothing to stop
                 logger.debug("celery_ext: cancelling the task consumer failed", exc_info=True)
         requeued = self._hand_back(c)
-        in_flight = len(worker_state.active_requests)
+        in_flight = len(worker_state.active_requests) + len(kept_written(c))
         pool = getattr(c, "pool", None)
         if _buffered_pool(pool) is not None:  # prefork: the pool's own stop waits for in-flight
             _PreforkDeadline(worker, pool, started_at, self.timeout_s, in_flight, requeued).arm()
@@ -253,7 +253,13 @@ class _NotingFlush:
     Celery clears the semaphore and flushes the pool, dropping the jobs not yet
     accepted, and leaves their messages to come back when the connection
     closes, after in-flight work. The drain requeues them at once, except a
-    job already scheduled for or being written to a child: that one may run.
+    job already scheduled for or being written to a child: that one runs.
+
+    Stock ``flush`` forgets such a written job too, yet the child runs it: its
+    result is ignored (an ``acks_late`` message is never acked and runs again
+    after the restart) and the child, its READY never read, waits 30 s for it
+    before exiting. In a warm shutdown the job goes back into the pool's cache,
+    so its acceptance and result are handled like any running task's.
     """
 
     def __init__(self, pool: Any) -> None:
@@ -262,18 +268,39 @@ class _NotingFlush:
         self.unstarted: list[Any] = []
         #: Ids of jobs a child has, or may get.
         self.celery_ext_unsafe: set[str] = set()
+        #: Set by the consumer's close in a warm shutdown: keep the written jobs.
+        self.keep_written = False
+        #: Requests of the written jobs kept, in flight from then on.
+        self.written: list[Any] = []
 
     def __call__(self) -> Any:
         asyn = _buffered_pool(self._pool)
-        if asyn is not None:
-            self.celery_ext_unsafe = {
-                job.correlation_id
-                for job in list(asyn._cache.values())
-                if job._accepted
-                or getattr(job, "_write_to", None) is not None
-                or getattr(job, "_scheduled_for", None) is not None
-            }
-        return self._flush()
+        if asyn is None:
+            return self._flush()
+        jobs = list(asyn._cache.values())
+        outbound = list(asyn.outbound_buffer)  # put back after a child died: not written
+        written = [
+            job
+            for job in jobs
+            if not job._accepted
+            and getattr(job, "_write_to", None) is not None
+            and job not in outbound
+        ]
+        self.celery_ext_unsafe = {
+            job.correlation_id
+            for job in jobs
+            if job._accepted
+            or getattr(job, "_write_to", None) is not None
+            or getattr(job, "_scheduled_for", None) is not None
+        }
+        flushed = self._flush()
+        if not self.keep_written or asyn.synack:  # with synack the child is told not to run it
+            return flushed
+        for job in written:
+            asyn._cache[job._job] = job
+        ids = {job.correlation_id for job in written}
+        self.written = [r for r in self.unstarted if r.id in ids]
+        return flushed
 
 
 def _note_unstarted_on_close(c: Any, flush: _NotingFlush) -> None:
@@ -290,9 +317,27 @@ def _note_unstarted_on_close(c: Any, flush: _NotingFlush) -> None:
     def noting_on_close() -> Any:
         active = worker_state.active_requests
         flush.unstarted = [r for r in list(worker_state.reserved_requests) if r not in active]
+        worker_blueprint = getattr(getattr(c, "controller", None), "blueprint", None)
+        flush.keep_written = (
+            getattr(worker_blueprint, "state", None) == bootsteps.CLOSE  # not a reconnect
+            and not worker_state.should_terminate
+        )
         return on_close()
 
     blueprint.on_close = noting_on_close
+
+
+def kept_written(c: Any) -> list[Any]:
+    """Prefork requests a child got just before a warm shutdown's close, not yet accepted.
+
+    Example::
+
+        kept_written(consumer)   # [] on other pools
+    """
+    flush = getattr(getattr(c, "pool", None), "flush", None)
+    if not isinstance(flush, _NotingFlush):
+        return []
+    return [r for r in flush.written if r not in worker_state.active_requests]
 
 
 def _requeue_unstarted(pool: Any) -> int:
