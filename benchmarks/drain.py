@@ -8,6 +8,12 @@ behind them), then SIGTERM once the slow pair runs. Measured from the signal:
 - ``exit_s``: until the process exits (the slow pair had ``--slow`` - ~0.5 s left);
 - whether anything ran twice or got lost (a second worker finishes the rest).
 
+Then, per broker and variant, ``--busy-rounds`` SIGTERMs to a busy prefork worker
+(``-c 8``, 1 ms tasks, 100 a round): stock Celery's flush forgets a job already written
+to a child that has not acknowledged it yet; the child runs it, the message is never
+acked (the task runs again later) and the child waits 30 s before exiting. Reported:
+the slowest exit, and how many tasks ran twice once a last worker has run the rest.
+
 Then, on Redis: a worker holding 2 running ``acks_late`` tasks and 3 prefetched ones is
 SIGKILLed beside a live second worker; ``recover_s`` is the time until the killed
 worker's messages run again (stock: only after ``visibility_timeout``, 1 h by default;
@@ -15,8 +21,8 @@ the run gives up after ``--recover-wait`` seconds).
 
 Run::
 
-    .venv/bin/python benchmarks/drain.py              # all of it, ~3 min
-    .venv/bin/python benchmarks/drain.py --quick      # Redis only, threads only
+    .venv/bin/python benchmarks/drain.py              # all of it, ~8 min (stock's 30 s exits)
+    .venv/bin/python benchmarks/drain.py --quick      # Redis, threads (busy rounds too)
 
 Uses Redis db 12 and unique queue names, deleted afterwards.
 """
@@ -48,7 +54,9 @@ AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 
 
 class Worker:
-    def __init__(self, broker: str, queue: str, variant: str, pool: str) -> None:
+    def __init__(
+        self, broker: str, queue: str, variant: str, pool: str, concurrency: int = 2
+    ) -> None:
         self.broker, self.queue = broker, queue
         env = dict(
             os.environ,
@@ -60,7 +68,7 @@ class Worker:
         self.hostname = f"drainb-{uuid.uuid4().hex[:6]}@localhost"
         cmd = [
             sys.executable, "-m", "celery", "-A", "benchmarks.drain_app", "worker",
-            "-P", pool, "-c", "2", "-n", self.hostname, "-Q", queue,
+            "-P", pool, "-c", str(concurrency), "-n", self.hostname, "-Q", queue,
             "--without-mingle", "--without-gossip", "-l", "ERROR",
         ]  # fmt: skip
         self.proc = subprocess.Popen(
@@ -149,6 +157,42 @@ def sigterm_run(broker: str, pool: str, variant: str, slow: float) -> dict[str, 
         cleanup(broker, queue, ledger, first, *([second] if second else []))
 
 
+def busy_run(broker: str, variant: str, rounds: int) -> dict[str, Any]:
+    queue = f"drain.bench.{uuid.uuid4().hex[:8]}"
+    ledger = redis.Redis.from_url(REDIS)
+    workers: list[Worker] = []
+    finished = lambda: len(ledger.smembers(f"{queue}.finished"))  # noqa: E731
+    try:
+        exits, total = [], 0
+        for _ in range(rounds):
+            workers.append(Worker(broker, queue, variant, "prefork", concurrency=8))
+            time.sleep(0.5)
+            for n in range(total, total + 100):
+                send(broker, queue, n, 0.001)
+            total += 100
+            if wait(lambda goal=total - 80: finished() >= goal, 60) is None:
+                raise RuntimeError("the busy worker did not run its tasks")
+            workers[-1].proc.send_signal(signal.SIGTERM)
+            start = time.monotonic()
+            workers[-1].proc.wait(120)
+            exits.append(time.monotonic() - start)
+        workers.append(Worker(broker, queue, variant, "prefork", concurrency=8))
+        wait(lambda: finished() == total, 60)
+        runs = [int(v) for v in ledger.hgetall(f"{queue}.runs").values()]
+        return {
+            "broker": broker.split(":")[0],
+            "variant": variant,
+            "busy_rounds": rounds,
+            "tasks": total,
+            "slowest_exit_s": max(exits),
+            "exits_over_10s": sum(1 for x in exits if x > 10),
+            "lost": total - finished(),
+            "twice": sum(1 for v in runs if v > 1),
+        }
+    finally:
+        cleanup(broker, queue, ledger, *workers)
+
+
 def sigkill_run(variant: str, recover_wait: float) -> dict[str, Any]:
     queue = f"drain.bench.{uuid.uuid4().hex[:8]}"
     ledger = redis.Redis.from_url(REDIS)
@@ -181,6 +225,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Redis and threads only")
     parser.add_argument("--slow", type=float, default=3.0, help="seconds of the running pair")
     parser.add_argument("--recover-wait", type=float, default=60.0)
+    parser.add_argument("--busy-rounds", type=int, default=5, help="SIGTERMs to a busy worker")
     parser.add_argument("--json", type=Path, help="write the rows here (default: results/)")
     args = parser.parse_args()
     brokers = [REDIS] if args.quick else [REDIS, AMQP]
@@ -197,6 +242,17 @@ def main() -> None:
                     f"{row['exit_s']:>7.2f} {row['lost']:>5} {row['twice']:>6}",
                     flush=True,
                 )
+    print(f"\nSIGTERM to a busy prefork worker (-c 8, 1 ms tasks), {args.busy_rounds} rounds")
+    print("broker  variant     slowest_exit_s  exits>10s  lost  twice")
+    for broker in brokers:
+        for variant in ("stock", "celery_ext"):
+            row = busy_run(broker, variant, args.busy_rounds)
+            rows.append(row)
+            print(
+                f"{row['broker']:<7} {variant:<11} {row['slowest_exit_s']:>14.2f} "
+                f"{row['exits_over_10s']:>10} {row['lost']:>5} {row['twice']:>6}",
+                flush=True,
+            )
     print(f"\nSIGKILL with a live second worker, Redis (gives up after {args.recover_wait:.0f} s)")
     for variant in ("stock", "celery_ext"):
         row = sigkill_run(variant, args.recover_wait)

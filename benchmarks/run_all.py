@@ -218,6 +218,27 @@ def render_drain(docs: list[Any]) -> str:
             f"{_num(e.get('exit_s'), '.2f')} | {s.get('lost')}, {s.get('twice')} / "
             f"{e.get('lost')}, {e.get('twice')} |"
         )
+    busy = [r for r in rows if "busy_rounds" in r]
+    if busy:
+        lines += [
+            "",
+            f"SIGTERM to a busy prefork worker (`-c 8`, 1 ms tasks), {busy[0]['busy_rounds']} "
+            "rounds of 100 tasks, a last worker runs the rest: slowest exit, exits over 10 s, "
+            "lost / run twice.",
+            "",
+            "| broker | slowest exit (s): stock / ext | exits over 10 s: stock / ext "
+            "| lost, twice: stock / ext |",
+            "|---|--:|--:|--:|",
+        ]
+        for broker in dict.fromkeys(r["broker"] for r in busy):
+            got = {r["variant"]: r for r in busy if r["broker"] == broker}
+            s, e = got.get("stock", {}), got.get("celery_ext", {})
+            lines.append(
+                f"| {broker} | {_num(s.get('slowest_exit_s'), '.2f')} / "
+                f"{_num(e.get('slowest_exit_s'), '.2f')} | {s.get('exits_over_10s')} / "
+                f"{e.get('exits_over_10s')} | {s.get('lost')}, {s.get('twice')} / "
+                f"{e.get('lost')}, {e.get('twice')} |"
+            )
     kill = {r["variant"]: r for r in rows if "recover_s" in r}
     if kill:
         never = f"never within {next(iter(kill.values()))['gave_up_after_s']:.0f}"
