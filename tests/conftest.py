@@ -6,6 +6,7 @@ when CELERY_EXT_REQUIRE_BROKERS=1 (set by .ci/run).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
@@ -60,7 +61,9 @@ def amqp_url() -> str:
 @pytest.fixture(scope="session", autouse=True)
 def _clean_our_redis_keys() -> Iterator[None]:
     """At the end of the run, delete what this run left in our Redis db (lists,
-    dead letters, kombu bindings named after its queues)."""
+    dead letters, kombu bindings named after its queues, and the unacked entries of
+    workers it killed, which a later run's worker would otherwise restore into a
+    queue nobody reads)."""
     yield
     if not _reachable(REDIS_HOST, REDIS_PORT):
         return
@@ -69,6 +72,15 @@ def _clean_our_redis_keys() -> Iterator[None]:
     client = redis.Redis(REDIS_HOST, REDIS_PORT, db=REDIS_DB)
     for key in client.scan_iter(match=f"*celery_ext.test.{RUN_ID}.*"):
         client.delete(key)
+    ours = f"celery_ext.test.{RUN_ID}."
+    for tag, raw in client.hscan_iter("unacked"):
+        try:
+            routing_key = json.loads(raw)[2]  # kombu stores [message, exchange, routing key]
+        except (ValueError, IndexError, TypeError):
+            continue
+        if str(routing_key).startswith(ours):
+            client.hdel("unacked", tag)
+            client.zrem("unacked_index", tag)
 
 
 @pytest.fixture
