@@ -10,8 +10,9 @@ task goes to the app's broker as before. Routing is unchanged (``queue=``,
 Who runs lossy tasks:
 
 - a ``celery worker`` (threads, solo or gevent pool) starts a lane worker
-  beside its broker consumer, for the lossy tasks its tasks publish; it stops
-  with the worker, after the broker side drained, and logs what it dropped;
+  beside its broker consumer, for the lossy tasks its tasks publish; it keeps
+  running through a warm shutdown's drain (its tasks may publish more), then
+  gets what is left of the drain deadline, stops and logs what it dropped;
 - a web process or script starts one with ``LocalWorker(app)`` (a lane worker
   when the app's broker is not ``local://``) in its startup hook;
 - prefork is refused at worker start when the app has lossy tasks: a task in a
@@ -35,10 +36,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Any
 
 from celery import Celery, bootsteps
 from celery.exceptions import ImproperlyConfigured
+from celery.worker import state as worker_state
 
 from ._settings import settings_of
 from .errors import ConfigurationError
@@ -172,7 +175,13 @@ class LaneWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         lane, self.lane = self.lane, None
         if lane is None:
             return
-        self.report = report = lane.stop()
+        # The lossy tasks left get what is left of the warm shutdown's drain deadline
+        # (the broker side drained first); a cold shutdown gives them nothing.
+        deadline = getattr(w, "celery_ext_drain_deadline", None)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if worker_state.should_terminate:
+            timeout = 0.0
+        self.report = report = lane.stop(timeout)
         w.celery_ext_lane_report = report
         logger.warning(
             "celery_ext: local lane stopped: %d lossy message(s) dropped%s",

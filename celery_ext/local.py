@@ -21,6 +21,9 @@ How it differs from kombu's ``memory://``:
   monitor can never block task publishing.
 - **Nothing silently lost.** Unacked messages go back to the front of their
   queue when a channel closes; requeued and restored messages ignore the bound.
+  A task published to a queue no worker in this process consumes logs one
+  warning per task (it waits, up to the bound, for a :class:`LocalWorker`), and
+  what is still on the lane when the process exits is counted in one warning.
 
 Limits: the lane cannot cross processes, so the prefork pool (whose children
 cannot reach the parent's memory) is refused; use ``-P threads``, ``solo`` or
@@ -36,12 +39,14 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import itertools
 import logging
 import socket
 import threading
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -128,6 +133,9 @@ class Lane:
         self._parked: list[tuple[float, int, str, Message]] = []
         self._parked_per_queue: dict[str, int] = {}
         self._parks = 0  # parks so far: a sleeper wakes to recompute its due time
+        self._consumers: dict[str, int] = {}  # queue -> consumers in this process
+        self._warned: set[str] = set()  # tasks published with nobody consuming them
+        _report_at_exit(self)
 
     def __repr__(self) -> str:
         return f"<Lane local://{self.name} queues={len(self._queues)} unacked={len(self._unacked)}>"
@@ -143,6 +151,57 @@ class Lane:
 
     def has(self, queue: str) -> bool:
         return queue in self._queues
+
+    def consuming(self, queue: str, delta: int) -> None:
+        """Count a consumer of ``queue`` in (``delta`` 1) or out (-1)."""
+        with self._cond:
+            self._consumers[queue] = max(0, self._consumers.get(queue, 0) + delta)
+
+    def consumers(self, queue: str) -> int:
+        """Consumers of ``queue`` in this process (the lane is nobody else's)."""
+        return self._consumers.get(queue, 0)
+
+    def warn_unconsumed(self, queue: str, task: str) -> None:
+        """Say once per task that it was published where nothing consumes it."""
+        if task in self._warned or queue in self._transient:
+            return
+        with self._cond:
+            if task in self._warned:
+                return
+            self._warned.add(task)
+        logger.warning(
+            "celery_ext: task %r was published to queue %r of this process's local lane, "
+            "where no worker consumes it: it waits in memory (at most %d) and is lost when "
+            "the process exits. Start celery_ext.LocalWorker(app) in this process (e.g. in "
+            "the web app's startup hook), or make the task durable",
+            task,
+            queue,
+            self.max_queued,
+        )
+
+    def left(self) -> dict[str, int]:
+        """Task messages still on the lane (queued, parked, delivered unacked), by task name.
+
+        Example::
+
+            lane.left()   # {'shop.warm_cache': 3}
+        """
+        with self._cond:
+            raws = [
+                raw
+                for queue, q in self._queues.items()
+                if queue not in self._transient
+                for raw in q
+            ]
+            raws.extend(entry[3] for entry in self._parked)
+            unacked = len(self._unacked)
+        counts: dict[str, int] = {}
+        for raw in raws:
+            task = str((raw.get("headers") or {}).get("task") or "?")
+            counts[task] = counts.get(task, 0) + 1
+        if unacked:
+            counts["(delivered, unfinished)"] = unacked
+        return counts
 
     def depth(self, queue: str) -> int:
         """Messages waiting (not delivered) in ``queue``."""
@@ -282,13 +341,17 @@ class Lane:
     def unpark(self, queue: str) -> list[Message]:
         """Remove and return every message parked for ``queue``."""
         with self._cond:
-            mine = [entry for entry in self._parked if entry[2] == queue]
-            if mine:
-                self._parked = [entry for entry in self._parked if entry[2] != queue]
-                heapq.heapify(self._parked)
+            return self._unpark_locked({queue})
+
+    def _unpark_locked(self, queues: set[str]) -> list[Message]:
+        mine = [entry for entry in self._parked if entry[2] in queues]
+        if mine:
+            self._parked = [entry for entry in self._parked if entry[2] not in queues]
+            heapq.heapify(self._parked)
+            for queue in queues:
                 self._parked_per_queue[queue] = 0
-                self._cond.notify_all()
-            return [entry[3] for entry in sorted(mine)]
+            self._cond.notify_all()
+        return [entry[3] for entry in sorted(mine)]
 
     def _release_due(self) -> None:
         with self._cond:
@@ -299,6 +362,29 @@ class Lane:
                 self._parked_per_queue[queue] -= 1
                 self._queues.setdefault(queue, deque()).append(message)
                 self._arrived(queue)
+
+    def discard(self, queues: Iterable[str]) -> list[str]:
+        """Remove every message waiting or parked in ``queues`` of this lane; their ids.
+
+        What a stopping :class:`LocalWorker` drops. It acts on this in-process
+        lane alone: nothing here can reach a broker, so a lane worker of an app
+        on Redis or RabbitMQ never touches the durable queues of that name.
+
+        Example::
+
+            lane.discard(["celery"])   # ['3f1c...', ...]
+        """
+        taken: list[Message] = []
+        with self._cond:
+            for queue in queues:
+                q = self._queues.get(queue)
+                if q:
+                    taken.extend(q)
+                    q.clear()
+            taken.extend(self._unpark_locked(set(queues)))
+            if taken:
+                self._cond.notify_all()
+        return [_message_id(raw) for raw in taken]
 
     def purge(self, queue: str) -> int:
         with self._cond:
@@ -385,6 +471,24 @@ class Lane:
         if due_before is None:
             return not any(self._parked_per_queue.get(q) for q in wanted)
         return not any(e[0] <= due_before and e[2] in wanted for e in list(self._parked))
+
+
+def _report_at_exit(lane: Lane) -> None:
+    """At interpreter exit, log what ``lane`` still holds (it dies with the process)."""
+    ref = weakref.ref(lane)
+
+    def report() -> None:
+        alive = ref()
+        left = alive.left() if alive is not None else {}
+        if left:
+            logger.warning(
+                "celery_ext local lane %r: %d message(s) lost as the process exits: %s",
+                f"local://{alive.name}" if alive is not None else "?",
+                sum(left.values()),
+                ", ".join(f"{task} x{n}" for task, n in sorted(left.items())),
+            )
+
+    atexit.register(report)
 
 
 class Lanes:
@@ -484,6 +588,8 @@ class Channel(SizeLimited, virtual.Channel):  # type: ignore[misc]
             return
         call = kwargs.get(bounds.LIMIT_KW)  # queue_limits, @app.task(max_queued=), the call's
         task = (message.get("headers") or {}).get("task")
+        if task is not None and not lane.consumers(queue):
+            lane.warn_unconsumed(queue, str(task))
         limit = limits.limit(queue, task, call)
         try:
             kept = lane.put(queue, message, limit, limits.policy, limits.block_timeout_s)
@@ -529,7 +635,16 @@ class Channel(SizeLimited, virtual.Channel):  # type: ignore[misc]
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         if no_ack:
             self._no_ack_queues.add(queue)
-        return super().basic_consume(queue, no_ack, *args, **kwargs)
+        result = super().basic_consume(queue, no_ack, *args, **kwargs)
+        self.lane.consuming(queue, 1)
+        return result
+
+    def basic_cancel(self, consumer_tag: Any) -> Any:
+        queue = self._tag_to_queue.get(consumer_tag) if consumer_tag in self._consumers else None
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None:
+            self.lane.consuming(queue, -1)
+        return result
 
     def basic_ack(self, delivery_tag: object, multiple: bool = False) -> None:
         super().basic_ack(delivery_tag, multiple)
@@ -862,6 +977,47 @@ class _LateStrategies(dict[str, Any]):
         return strategy
 
 
+def lane_loop(
+    obj: Any,
+    connection: Any,
+    consumer: Any,
+    blueprint: Any,
+    hub: Any,
+    qos: Any,
+    heartbeat: Any,
+    clock: Any,
+    hbrate: float = 2.0,
+    **kwargs: Any,
+) -> None:
+    """The consumer loop of a :class:`LocalWorker`: consume until the worker is stopped.
+
+    Celery's blocking loop also ends when the process-wide shutdown flag is set.
+    In a ``celery worker`` that serves ``durable=False`` tasks, SIGTERM sets it
+    for the main worker, and the lane worker stopped with it at once: the lossy
+    tasks that the draining durable tasks published were dropped. This loop ends
+    only when :meth:`LocalWorker.stop` stops the lane worker, after the broker
+    side drained. (The lane has no heartbeats, so none are checked.)
+
+    Example::
+
+        consumer.loop = lane_loop
+    """
+    consumer.on_message = obj.create_task_handler()
+    consumer.consume()
+    obj.on_ready()
+    while blueprint.state == bootsteps.RUN and obj.connection:
+        if qos.prev != qos.value:
+            qos.update()
+        obj.perform_pending_operations()
+        try:
+            connection.drain_events(timeout=2.0)
+        except TimeoutError:
+            pass
+        except OSError:
+            if blueprint.state == bootsteps.RUN:
+                raise
+
+
 def _embedded_classes(
     app: Celery, ready: threading.Event, lane_url: str | None = None
 ) -> tuple[Any, Any]:
@@ -878,6 +1034,7 @@ def _embedded_classes(
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.strategies.consumer = self
+            self.loop = lane_loop  # stops when this worker stops, not at SIGTERM
 
         def connection_for_read(self, heartbeat: Any = None) -> Any:
             if lane_url is None:
@@ -1040,13 +1197,9 @@ class LocalWorker:
             isinstance(pool, TimeoutPool) and pool.alive_threads() > 0
         )
         self._disconnect()
-        dropped_ids: list[str] = []
-        for queue in queues:
-            dropped_ids.extend(self._drop(queue))
-            dropped_ids.extend(
-                str(raw.get("headers", {}).get("id") or raw["properties"]["delivery_tag"])
-                for raw in lane.unpark(queue)
-            )
+        # The lane object, never a connection: with an app on Redis or RabbitMQ,
+        # queues of the same names on the broker belong to every worker of the cluster.
+        dropped_ids = lane.discard(queues)
         report = DrainReport(
             drained=drained and not dropped_ids,
             dropped=len(dropped_ids),
@@ -1088,16 +1241,6 @@ class LocalWorker:
 
     def _dead(self) -> bool:
         return self._thread is None or not self._thread.is_alive()
-
-    def _drop(self, queue: str) -> list[str]:
-        ids: list[str] = []
-        with self.app.connection_for_write() as conn:
-            channel = conn.default_channel
-            while True:
-                message = channel.basic_get(queue, no_ack=True)
-                if message is None:
-                    return ids
-                ids.append(str(message.headers.get("id") or message.delivery_tag))
 
     def _disconnect(self) -> None:
         signals.task_failure.disconnect(self._on_failure)
@@ -1147,6 +1290,12 @@ class LocalWorker:
             )
         if fail_fast and self._failures:
             raise self._failures.pop(0)
+
+
+def _message_id(raw: Message) -> str:
+    """The task id of a lane message (its delivery tag when it names none)."""
+    headers = raw.get("headers") or {}
+    return str(headers.get("id") or raw.get("properties", {}).get("delivery_tag"))
 
 
 def _is_local(app: Celery) -> bool:

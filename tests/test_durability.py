@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -92,12 +93,12 @@ def test_a_full_lane_raises_while_the_durable_lane_keeps_accepting(app: Celery) 
 
 # -- a real `celery worker` ---------------------------------------------------------------
 class Worker:
-    def __init__(self, redis_url: str, queue: str, *options: str) -> None:
+    def __init__(self, redis_url: str, queue: str, *options: str, broker: str = "") -> None:
         self.queue = queue
         self.hostname = f"dur-{uuid.uuid4().hex[:6]}@localhost"
         self.env = dict(
             os.environ,
-            CELERY_EXT_TEST_BROKER=redis_url,
+            CELERY_EXT_TEST_BROKER=broker or redis_url,
             CELERY_EXT_TEST_QUEUE=queue,
             CELERY_EXT_TEST_LEDGER=redis_url,
         )
@@ -126,6 +127,7 @@ def send(redis_url: str, queue: str, n: int, seconds: float) -> None:
     app = Celery("dur_client", broker=redis_url, set_as_current=False)
     app.conf.task_default_queue = queue
     app.send_task("dur.fan", (n, seconds))
+    app.close()
 
 
 def stop(worker: Worker) -> None:
@@ -276,3 +278,148 @@ def test_flower_shows_the_lossy_tasks_a_worker_ran_on_its_lane(
         stop(worker)
         with Connection(redis_url) as conn:
             conn.default_channel.queue_delete(unique_queue)
+
+
+# -- the lane's stop never reaches the broker --------------------------------------------------
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_a_sigterm_hands_durable_work_back_and_drops_only_lane_messages(
+    app: Celery, redis_url: str, unique_queue: str, ledger: redis.Redis, pool: str
+) -> None:
+    # An app with one durable=False task: its worker runs a lane worker beside the broker
+    # consumer, and stopping that lane once dropped the *broker* queue of the same name
+    # (36 of 40 durable tasks gone on SIGTERM). Now the broker keeps every one.
+    broker = app.conf.broker_url
+    concurrency = 4 if pool == "threads" else 1
+    worker = Worker(
+        redis_url, unique_queue, "-P", pool, "-c", str(concurrency), "--drain-timeout", "30",
+        broker=broker,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: app.control.ping(destination=[worker.hostname], timeout=0.5), 30)
+        for n in range(40):
+            app.send_task("dur.fan", (n, 1.5), queue=unique_queue)
+        wait_for(lambda: ledger.hlen(f"{unique_queue}.durable") == concurrency)
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(30) == 0
+        started = {int(n) for n in ledger.hkeys(f"{unique_queue}.durable")}
+        assert len(started) == concurrency, started
+        assert {int(n) for n in ledger.smembers(f"{unique_queue}.durable_done")} == started
+        wait_for(lambda: depth(app, unique_queue) == 40 - concurrency, timeout=15)
+        assert "local lane stopped: 0 lossy message(s) dropped" in worker.stderr()
+    finally:
+        stop(worker)
+
+
+def test_lossy_tasks_published_during_a_drain_still_run(
+    app: Celery, redis_url: str, unique_queue: str, ledger: redis.Redis
+) -> None:
+    # SIGTERM used to stop the lane worker at once (Celery's process-wide shutdown
+    # flag), so what the draining durable tasks published was dropped.
+    worker = Worker(
+        redis_url, unique_queue, "-P", "threads", "--drain-timeout", "30",
+        broker=app.conf.broker_url,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: app.control.ping(destination=[worker.hostname], timeout=0.5), 30)
+        for n in range(2):
+            app.send_task("dur.fan_late", (n, 1.5), queue=unique_queue)
+        wait_for(lambda: ledger.hlen(f"{unique_queue}.durable") == 2)
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(30) == 0
+        assert ledger.smembers(f"{unique_queue}.durable_done") == {b"0", b"1"}
+        assert ledger.smembers(f"{unique_queue}.lossy_done") == {b"0", b"1"}
+        assert "local lane stopped: 0 lossy message(s) dropped" in worker.stderr()
+    finally:
+        stop(worker)
+
+
+def test_a_web_process_lane_worker_stop_leaves_the_broker_queue_alone(app: Celery) -> None:
+    @app.task(shared=False, name=f"d.lossy.{uuid.uuid4().hex[:6]}", durable=False)
+    def lossy() -> None: ...
+
+    @app.task(shared=False, name=f"d.durable.{uuid.uuid4().hex[:6]}")
+    def durable() -> None: ...
+
+    queue = app.conf.task_default_queue
+    for _ in range(10):
+        durable.delay()  # waiting on the broker for the cluster's workers
+    worker = LocalWorker(app, queues=[queue]).start()  # the web process's lane worker
+    lane = worker.lane
+    release = threading.Event()
+
+    @app.task(shared=False, name=f"d.blocker.{uuid.uuid4().hex[:6]}", durable=False)
+    def blocker() -> None:
+        release.wait(5)
+
+    for _ in range(4):  # fill the lane's threads ...
+        blocker.delay()
+    wait_for(lambda: lane.depth(queue) == 0)
+    for _ in range(3):  # ... so these lossy ones are still queued at the stop
+        lossy.delay()
+    report = worker.stop(timeout=0.2)
+    release.set()
+    assert report.dropped == 3, report
+    assert depth(app, queue) == 10  # the broker queue of the same name is untouched
+
+
+# -- a lossy publish with nobody to run it is never silent -------------------------------------
+_SCRIPT = """
+import logging, sys
+from celery import Celery
+import celery_ext
+
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+app = Celery("script", broker=sys.argv[1], set_as_current=False)
+app.conf.task_default_queue = sys.argv[2]
+celery_ext.install(app)
+
+@app.task(name="script.warm", durable=False)
+def warm(n):
+    pass
+
+for n in range(3):
+    warm.delay(n)
+print("published", flush=True)
+"""
+
+
+def test_a_lossy_publish_with_no_lane_worker_warns_once_and_counts_the_loss_at_exit(
+    app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = f"d.lossy.{uuid.uuid4().hex[:6]}"
+
+    @app.task(shared=False, name=name, durable=False)
+    def lossy() -> None: ...
+
+    with caplog.at_level("WARNING", logger="celery_ext.local"):
+        lossy.delay()
+        lossy.delay()
+    warnings = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "no worker consumes it" in warnings[0] and "LocalWorker(app)" in warnings[0]
+
+    # A script (or a web process) that exits with lossy tasks never run: one line counts them.
+    queue = app.conf.task_default_queue
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, app.conf.broker_url, queue],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0 and "published" in done.stdout, done.stderr
+    assert done.stderr.count("no worker consumes it") == 1, done.stderr
+    assert "3 message(s) lost as the process exits: script.warm x3" in done.stderr
+    assert depth(app, queue) == 0  # nothing went to the broker
+
+
+def test_a_lossy_publish_with_a_lane_worker_is_quiet(
+    app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    @app.task(shared=False, name=f"d.lossy.{uuid.uuid4().hex[:6]}", durable=False)
+    def lossy() -> int:
+        return 1
+
+    with caplog.at_level("WARNING", logger="celery_ext.local"), LocalWorker(app):
+        assert lossy.delay().get(timeout=20) == 1
+    assert not [r for r in caplog.records if "no worker consumes it" in r.getMessage()]

@@ -40,3 +40,12 @@ def ping(self: Any, n: int, seconds: float = 0.0) -> None:
     ledger.hset(f"{QUEUE}.lossy", str(n), os.getpid())
     time.sleep(seconds)
     ledger.sadd(f"{QUEUE}.lossy_done", n)
+
+
+@app.task(name="dur.fan_late", bind=True, acks_late=True)
+def fan_late(self: Any, n: int, seconds: float = 0.0) -> None:
+    """Durable: works ``seconds``, then publishes its lossy ``ping(n)``."""
+    ledger.hincrby(f"{QUEUE}.durable", str(n), 1)
+    time.sleep(seconds)
+    ping.delay(n)
+    ledger.sadd(f"{QUEUE}.durable_done", n)
