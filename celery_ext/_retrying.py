@@ -27,6 +27,7 @@ from .delays import RETRY_HEADER
 from .errors import ConfigurationError, RetryScheduled
 from .metrics import DEAD_LETTERED, CountingRequest, counters_of
 from .retry import RetryPolicy, RetryState, now_iso
+from .shutdown import interrupted_by_drain
 from .signals import retries_exhausted
 
 __all__ = ["RetryingRequest", "apply_task_options", "attach", "policy_of"]
@@ -106,6 +107,8 @@ def attach(task: Any, policy: RetryPolicy) -> None:
         except (Retry, Ignore, Reject):
             raise
         except Exception as exc:
+            if interrupted_by_drain(exc):
+                raise  # handed back to the broker as it was: not an attempt
             running = current_task
             if running is None or getattr(running, _POLICY, None) is not policy:
                 raise  # called directly, outside a worker

@@ -1,7 +1,8 @@
 """celery_ext's task options, applied as each task is bound (a ``task_annotations`` entry).
 
 ``timeout``/``soft_timeout`` (:mod:`celery_ext.timeouts`), ``async def`` bodies
-(:mod:`celery_ext.aio`) and retry policies (:mod:`celery_ext.retry`) are set on
+(:mod:`celery_ext.aio`), retry policies (:mod:`celery_ext.retry`) and the drain's
+hand-back (:mod:`celery_ext.shutdown`) are set on
 the task class when Celery binds it, so a bad value fails where the task is
 created, naming it. The entry returns no annotation of its own, so the app's
 own ``task_annotations`` still apply.
@@ -13,7 +14,7 @@ from typing import Any
 
 from celery import Celery
 
-from . import _retrying, durability, timeouts
+from . import _retrying, durability, shutdown, timeouts
 
 __all__ = ["TaskOptions", "add_task_options", "apply_all", "apply_task_options"]
 
@@ -33,6 +34,7 @@ def apply_task_options(task: Any) -> None:
         cls.Request = "celery_ext.metrics:CountingRequest"
     _retrying.apply_task_options(task)
     durability.apply_task_options(task)
+    shutdown.apply_task_options(task)  # last: outside the retry policy's wrapper
 
 
 def apply_all(app: Celery) -> None:

@@ -8,11 +8,12 @@ the pool thread (or prefork child) that runs the task, so ``self.request``,
 
 Time limits: at the soft limit the coroutine is cancelled (``CancelledError``
 at its current ``await``); if it ends by that cancellation the task fails with
-:class:`~celery_ext.errors.TaskTimeout`, and if it catches it and returns, its
-value is the result (as a sync task that catches ``TaskTimeout``). A coroutine
-that ignores the cancellation is abandoned at the hard limit, as a stuck
-thread is. Calling the task directly (``task(...)``) runs it the same way and
-returns its value.
+:class:`~celery_ext.errors.TaskTimeout` (at a warm shutdown's drain deadline:
+:class:`~celery_ext.errors.DrainInterrupted`, and the task is handed back), and
+if it catches it and returns, its value is the result (as a sync task that
+catches ``TaskTimeout``). A coroutine that ignores the cancellation is
+abandoned at the hard limit, as a stuck thread is. Calling the task directly
+(``task(...)``) runs it the same way and returns its value.
 
 Loops are reused per pool thread (one per greenlet on gevent, closed after the
 run) and never shared between threads, so one slow coroutine cannot hold up
@@ -36,7 +37,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from .errors import TaskTimeout
+from .errors import DrainInterrupted, TaskTimeout
 
 __all__ = ["is_async_task", "wrap_async_task"]
 
@@ -127,10 +128,14 @@ def run_coroutine(
     # (or ask us to cancel) while the coroutine runs, and ignore a late limit after.
     thread.celery_ext_soft_cancel = lambda: loop.call_soon_threadsafe(soft)  # type: ignore[attr-defined]
     thread.celery_ext_cooperative = True  # type: ignore[attr-defined]
+    thread.celery_ext_drain_interrupted = False  # type: ignore[attr-defined]
     try:
         return loop.run_until_complete(task)
     except asyncio.CancelledError:
         if timed_out:
+            # Cancelled by the soft limit, or by a warm shutdown's drain deadline.
+            if getattr(thread, "celery_ext_drain_interrupted", False):
+                raise DrainInterrupted() from None
             raise TaskTimeout() from None
         raise
     except BaseException:

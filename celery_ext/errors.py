@@ -10,8 +10,12 @@ Every error the plugin raises derives from :class:`CeleryExtError`, so one
      ├── QueueFull                              a bounded queue refused a message
      ├── RetryAfter                             raised by a task: retry in N seconds
      ├── RetryScheduled                         why and when a task will run again
-     └── TaskTimeout (also Celery's SoftTimeLimitExceeded)
-                                                raised inside a task at its soft limit
+     ├── TaskTimeout (also Celery's SoftTimeLimitExceeded)
+     │    │                                     raised inside a task at its soft limit
+     │    └── DrainInterrupted                  ... and at a warm shutdown's drain deadline
+     ├── HandedBack (also Celery's Reject)      a drain gave an interrupted task back
+     └── PortInUse (also ConfigurationError, click.ClickException)
+                                                a probe or metrics port is taken
 
 Example::
 
@@ -25,13 +29,17 @@ Example::
 
 from __future__ import annotations
 
-from celery.exceptions import SoftTimeLimitExceeded
+import click
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 __all__ = [
     "CeleryExtError",
     "ConfigurationError",
+    "DrainInterrupted",
+    "HandedBack",
     "LaneNotInstalled",
     "MessageTooLarge",
+    "PortInUse",
     "QueueFull",
     "RetryAfter",
     "RetryScheduled",
@@ -150,6 +158,74 @@ class TaskTimeout(SoftTimeLimitExceeded, CeleryExtError):  # type: ignore[misc]
 
     def __init__(self, *args: object) -> None:
         super().__init__(*(args or ("soft time limit exceeded",)))
+
+
+class DrainInterrupted(TaskTimeout):
+    """Raised inside a task still running when a warm shutdown's drain deadline passes.
+
+    A :class:`TaskTimeout`, so cleanup written for the soft limit runs too. When
+    the task ends by it (it, or an error raised while handling it, escapes the
+    task), the run is not a failure: the task goes back to the broker as it was
+    (:class:`HandedBack`) and runs again on another worker. A task that catches
+    it and returns has completed.
+
+    Example::
+
+        @app.task(acks_late=True)
+        def export(report_id):
+            try:
+                build(report_id)
+            except TaskTimeout:      # soft limit, or the drain deadline
+                cleanup(report_id)
+                raise                # DrainInterrupted: requeued, not failed
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(args or ("interrupted at the warm shutdown's drain deadline",)))
+
+
+class HandedBack(Reject, CeleryExtError):  # type: ignore[misc]
+    """How a task interrupted by the drain ends: its message goes back to the broker.
+
+    A Celery ``Reject`` with ``requeue=True``: no result is stored and no
+    ``task_failure`` fires; an ``acks_late`` message is requeued, and an
+    early-acked task was published again (same id) before this was raised.
+    Flower shows the run as REJECTED.
+
+    Example::
+
+        raise HandedBack("interrupted at the drain deadline")
+    """
+
+    def __init__(self, reason: object = None, requeue: bool = True) -> None:
+        super().__init__(reason, requeue)
+
+
+class PortInUse(ConfigurationError, click.ClickException):
+    """A worker's probe or metrics port cannot be bound; the worker does not start.
+
+    ``celery worker`` prints it as one line (``Error: ...``) and exits with
+    status 1; elsewhere it is a :class:`ConfigurationError`.
+
+    Example::
+
+        celery -A shop worker --metrics-port 9808   # a second time on this host:
+        # Error: celery_ext: --metrics-port 9808: 127.0.0.1:9808 is already in use ...
+    """
+
+    def __init__(self, flag: str, host: str, port: int, reason: object) -> None:
+        self.flag, self.host, self.port, self.reason = flag, host, port, str(reason)
+        setting = "celery_ext_" + flag.lstrip("-").replace("-", "_")
+        message = (
+            f"celery_ext: {flag} {port}: cannot listen on {host}:{port} ({reason}); "
+            f"another process (a second worker?) has it: give each worker its own "
+            f"{flag} ({setting})"
+        )
+        ConfigurationError.__init__(self, message)
+        click.ClickException.__init__(self, message)
+
+    def __reduce__(self) -> tuple[type[PortInUse], tuple[str, str, int, str]]:
+        return (type(self), (self.flag, self.host, self.port, self.reason))
 
 
 class RetryAfter(CeleryExtError):

@@ -7,9 +7,10 @@ worker's ``inspect stats`` reply, which Flower shows on the worker page (tab
 - limits: ``prefetch_limit``, ``eta_buffer``, ``prefetch_bytes``, queue bounds,
   drain timeout, worker default time limits;
 - live counts: ``held``, ``reserved``, ``active``, ``eta_held``, ``qos``;
-- counters: ``parked_total``, ``shed_total``, ``queue_full_total`` and ``tasks`` (succeeded, failed,
-  retried, dead_lettered, soft_timeouts, hard_timeouts), counted in the worker's
-  main process from what every pool reports back, so prefork children count too;
+- counters: ``parked_total``, ``shed_total``, ``queue_full_total`` and ``tasks`` (succeeded,
+  failed, retried, dead_lettered, soft_timeouts, hard_timeouts, handed_back by a drain),
+  counted in the worker's main process from what every pool reports back, so prefork
+  children count too;
   ``bad_input``: messages the worker could not run, by reason (undecodable,
   unknown_task, invalid_message, oversize; not_dead_lettered when keeping one failed);
 - ``drain`` (state ``running``/``draining``/``drained`` and the last report),
@@ -24,7 +25,8 @@ prefork and gevent report after the event connection closed).
 
 With ``--metrics-port`` (or ``celery_ext_metrics_port``) the same numbers are
 served as Prometheus text on ``127.0.0.1:PORT/metrics`` (prometheus_client),
-names prefixed ``celery_ext_``, counters ending in ``_total``.
+names prefixed ``celery_ext_``, counters ending in ``_total``; a port another
+process holds stops the worker's start (:class:`~celery_ext.errors.PortInUse`).
 
 Example::
 
@@ -46,6 +48,7 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from ._settings import settings_of
+from .errors import HandedBack, PortInUse
 
 __all__ = ["CountingRequest", "Section", "counters_of", "section"]
 
@@ -61,6 +64,7 @@ TASK_COUNTERS = (
     "dead_lettered",
     "soft_timeouts",
     "hard_timeouts",
+    "handed_back",
 )
 #: Messages a worker could not run, by reason (see :mod:`celery_ext.intake`).
 BAD_INPUT_COUNTERS = (
@@ -160,6 +164,8 @@ class CountingRequest(Request):  # type: ignore[misc]
         counters = counters_of(self.app)
         if isinstance(exc, Retry):
             counters.add("retried")
+        elif isinstance(exc, HandedBack):  # a drain gave it back to the broker
+            counters.add("handed_back")
         elif not isinstance(exc, TimeLimitExceeded):  # counted by on_timeout
             counters.add("failed")
         if getattr(exc, DEAD_LETTERED, False):
@@ -255,18 +261,23 @@ class Section(bootsteps.StartStopStep):  # type: ignore[misc]
         self.server: Any = None
         self.consumer: Any = None
         super().__init__(c, **kwargs)
+        if self.port is not None:
+            # Bound as the worker is built: a taken port stops the start with one
+            # clear line, instead of a consumer restarting on an "OSError" forever.
+            self._serve(self.port)
 
     def start(self, c: Any) -> None:
         self.consumer = c
-        if self.port is not None and self.server is None:
-            self._serve(self.port)
 
     def _serve(self, port: int) -> None:
         from prometheus_client import CollectorRegistry, start_http_server
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(self))
-        self.server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+        try:
+            self.server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+        except OSError as exc:
+            raise PortInUse("--metrics-port", "127.0.0.1", port, exc.strerror or exc) from exc
         self.port = self.server.server_address[1]
         logger.info("celery_ext: Prometheus metrics on http://127.0.0.1:%d/metrics", self.port)
 

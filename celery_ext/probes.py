@@ -11,7 +11,9 @@ settings):
   call stops it).
 
 HTTP: ``GET /ready`` and ``GET /live`` answer 200 or 503 with a small JSON
-body; the server binds 127.0.0.1 only. File: the file exists while the worker
+body; the server binds 127.0.0.1 only, as the worker is built: a port another
+process holds stops the worker's start with :class:`~celery_ext.errors.PortInUse`
+(one ``Error:`` line naming the flag and the port). File: the file exists while the worker
 is ready and its mtime is refreshed at every beat, so an exec probe can check
 both (``test $(( $(date +%s) - $(stat -c %Y f) )) -lt 30``).
 
@@ -35,6 +37,7 @@ from typing import Any
 from celery import bootsteps
 
 from ._settings import settings_of
+from .errors import PortInUse
 
 __all__ = ["Probes"]
 
@@ -70,6 +73,10 @@ class Probes(bootsteps.StartStopStep):  # type: ignore[misc]
         self.server: ThreadingHTTPServer | None = None
         self._beat_entry: Any = None
         super().__init__(c, **kwargs)
+        if self.port is not None:
+            # Bound as the worker is built: a taken port stops the start with one
+            # clear line, instead of a consumer restarting on an "OSError" forever.
+            self._serve(self.port)
 
     # -- state ------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -100,8 +107,6 @@ class Probes(bootsteps.StartStopStep):  # type: ignore[misc]
         c.celery_ext_probes = self  # the drain marks the worker not ready first thing
         self.consuming = True
         self.last_beat = time.monotonic()
-        if self.port is not None and self.server is None:
-            self._serve(self.port)
         if self._beat_entry is None:
             every = max(0.05, min(1.0, self.stale_after_s / 3))
             self._beat_entry = c.timer.call_repeatedly(every, self._beat)
@@ -172,7 +177,10 @@ class Probes(bootsteps.StartStopStep):  # type: ignore[misc]
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # orchestrators poll often: keep the worker log quiet
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        try:
+            self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        except OSError as exc:
+            raise PortInUse("--probe-port", "127.0.0.1", port, exc.strerror or exc) from exc
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         threading.Thread(

@@ -11,25 +11,28 @@ thread, not in the OS signal handler:
    the broker at once: ETA-held requests and tasks queued in the thread pool
    are rejected with requeue (Redis restore, RabbitMQ reject, local-lane
    re-queue);
-3. on the threads and solo pools the worker waits for running tasks (event
-   driven, no fixed sleep) at most ``drain_timeout`` seconds (setting, or
-   ``celery worker --drain-timeout``); past it, running tasks get
-   ``TaskTimeout`` and a short grace, then ``acks_late`` tasks are requeued
-   and early-acked ones are published again (at-least-once), and the worker
-   exits with status 1;
-4. :data:`~celery_ext.signals.drain_finished` fires with the counts, logged as
+3. the worker waits for running tasks (event driven, no fixed sleep) at most
+   ``drain_timeout`` seconds (setting, or ``celery worker --drain-timeout``);
+4. past it, running tasks get :class:`~celery_ext.errors.DrainInterrupted`
+   (a ``TaskTimeout``). A task that ends by it is **handed back**, never
+   failed: no result is stored, no ``task_failure`` fires, an ``acks_late``
+   message is requeued and an early-acked task is published again (same id),
+   by :class:`~celery_ext.errors.HandedBack` (a ``Reject``). Its retry policy
+   does not count it as an attempt. After a short grace, what still runs is
+   abandoned the same way (requeued, or published again) and the worker exits
+   with status 1 (also when tasks were handed back at the deadline);
+5. :data:`~celery_ext.signals.drain_finished` fires with the counts, logged as
    one line.
 
-On prefork, step 2 requeues the prefetched tasks no child has been given, and
-a watcher thread enforces the deadline: ``SIGUSR1`` (``TaskTimeout``) to the
-children still running a task, the grace, then their messages are requeued
-(or published again) and the children killed;
-:data:`~celery_ext.signals.drain_finished` fires once the pool has stopped.
-On gevent the pool's stop waits for running greenlets until the
-deadline, throws ``TaskTimeout`` into them, and after the grace saves and
-kills what still runs (prefetched messages there come back when the
-connection closes, as in stock Celery). A second SIGTERM/SIGINT keeps Celery's
-cold-shutdown meaning.
+Pools: threads and solo raise the interrupt in the task's thread; prefork sets
+a flag shared with its children (:func:`celery_ext.timeouts.drain_flag`) and
+sends ``SIGUSR1``, which the child's soft-limit handler turns into
+``DrainInterrupted``, then kills the children still running after the grace;
+gevent throws it into the greenlets; an ``async def`` task is cancelled.
+On prefork, step 2 requeues the prefetched tasks no child has been given and
+:data:`~celery_ext.signals.drain_finished` fires once the pool has stopped; on
+gevent prefetched messages come back when the connection closes, as in stock
+Celery. A second SIGTERM/SIGINT keeps Celery's cold-shutdown meaning.
 
 Example::
 
@@ -39,6 +42,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -47,15 +51,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from celery import bootsteps, signals
+from celery import bootsteps, current_task, signals
+from celery.exceptions import Ignore, Reject, Retry
 from celery.worker import state as worker_state
 
 from ._settings import settings_of
-from .metrics import send_worker_event
+from .errors import DrainInterrupted, HandedBack
+from .metrics import counters_of, send_worker_event
 from .signals import drain_finished, drain_started
-from .timeouts import GeventTimeoutPool, TimeoutPool
+from .timeouts import GeventTimeoutPool, TimeoutPool, drain_flag
 
-__all__ = ["Drain"]
+__all__ = ["Drain", "apply_task_options", "interrupted_by_drain"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +139,7 @@ class Drain(bootsteps.StartStopStep):  # type: ignore[misc]
         self._drain(c, worker)
 
     def _drain(self, c: Any, worker: Any) -> None:
-        started_at = time.monotonic()
+        tally = _Tally(worker, time.monotonic())
         probes = getattr(c, "celery_ext_probes", None)
         if probes is not None:
             probes.stop(c)  # not ready from the first moment of the drain
@@ -148,30 +154,31 @@ class Drain(bootsteps.StartStopStep):  # type: ignore[misc]
                 task_consumer.cancel()
             except Exception:  # the connection may already be gone: nothing to stop
                 logger.debug("celery_ext: cancelling the task consumer failed", exc_info=True)
-        requeued = self._hand_back(c)
-        in_flight = len(worker_state.active_requests) + len(kept_written(c))
+        tally.requeued = self._hand_back(c)
+        tally.in_flight = len(worker_state.active_requests) + len(kept_written(c))
+        deadline = tally.started_at + self.timeout_s
+        worker.celery_ext_drain_deadline = deadline  # the lane worker's stop keeps it too
         pool = getattr(c, "pool", None)
         if _buffered_pool(pool) is not None:  # prefork: the pool's own stop waits for in-flight
-            _PreforkDeadline(worker, pool, started_at, self.timeout_s, in_flight, requeued).arm()
+            _PreforkDeadline(pool, tally, deadline).arm()
             return
         if isinstance(pool, GeventTimeoutPool):  # its on_stop waits until the deadline
-            pool.drain_deadline = started_at + self.timeout_s
+            pool.drain_deadline = deadline
             pool.drain_grace_s, pool.drain_abandon = GRACE_S, _save
-            _report_after_pool(worker, started_at, in_flight, requeued, lambda: pool.abandoned)
+
+            def counts() -> tuple[int, int]:
+                return pool.interrupted, pool.abandoned
+
+            tally.report_after_pool(counts)
             return
-        completed = abandoned = 0
-        if isinstance(pool, TimeoutPool):
-            if not pool.wait_idle(self.timeout_s - (time.monotonic() - started_at)):
-                pool.interrupt_running()
-                pool.wait_idle(GRACE_S)
-                for request in pool.running_requests():
-                    abandoned += 1
-                    _save(request)
-                pool.join_timeout_s = 0.0  # what still runs is abandoned, not awaited
-            completed = max(0, in_flight - abandoned)
-            if abandoned:
-                worker.exitcode = 1
-        _report(worker, started_at, completed, requeued, abandoned)
+        if isinstance(pool, TimeoutPool) and not pool.wait_idle(deadline - time.monotonic()):
+            tally.interrupted = pool.interrupt_running()
+            pool.wait_idle(GRACE_S)
+            for request in pool.abandon_running():
+                tally.abandoned += 1
+                _save(request)
+            pool.join_timeout_s = 0.0  # what still runs is abandoned, not awaited
+        tally.report()
         send_worker_event(c, "drain-finished", **worker.celery_ext_drain_report)
 
     def _hand_back(self, c: Any) -> int:
@@ -212,31 +219,70 @@ def requests_now(*sets: Any) -> list[Any]:
             continue
 
 
-def _report(worker: Any, started_at: float, completed: int, requeued: int, abandoned: int) -> None:
-    seconds = time.monotonic() - started_at
-    worker.celery_ext_drain_report = {
-        "completed": completed,
-        "requeued": requeued,
-        "abandoned": abandoned,
-        "seconds": round(seconds, 3),
-    }
-    logger.warning(
-        "celery_ext: drained in %.2fs: %d completed, %d handed back, %d abandoned",
-        seconds,
-        completed,
-        requeued,
-        abandoned,
-    )
-    try:
-        drain_finished.send(
-            sender=worker,
-            completed=completed,
-            requeued=requeued,
-            abandoned=abandoned,
-            seconds=seconds,
+class _Tally:
+    """The counts of one drain, reported once through the log, the signal and stats."""
+
+    def __init__(self, worker: Any, started_at: float) -> None:
+        self.worker, self.started_at = worker, started_at
+        self.in_flight = self.requeued = self.interrupted = self.abandoned = 0
+        # Tasks interrupted at the deadline that ended by it are counted as they
+        # come back to this process (CountingRequest), prefork children included.
+        self._counters = counters_of(worker.app)
+        self._handed_back_before = self._counters.snapshot().get("handed_back", 0)
+
+    def handed_back(self) -> int:
+        return self._counters.snapshot().get("handed_back", 0) - self._handed_back_before
+
+    def report_after_pool(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Report from ``worker_shutdown``: after the pool stopped, before the exit.
+
+        ``counts()`` then gives (interrupted, abandoned).
+        """
+        worker = self.worker
+        uid = f"celery_ext.drain.report.{id(worker)}"
+
+        def report(sender: Any = None, **_: Any) -> None:
+            signals.worker_shutdown.disconnect(sender=worker, dispatch_uid=uid)
+            self.interrupted, self.abandoned = counts()
+            self.report()
+
+        signals.worker_shutdown.connect(report, sender=worker, weak=False, dispatch_uid=uid)
+
+    def report(self) -> None:
+        worker = self.worker
+        seconds = time.monotonic() - self.started_at
+        handed_back = self.handed_back()
+        if self.interrupted or self.abandoned:
+            worker.exitcode = 1  # the deadline cut the drain short
+        completed = max(0, self.in_flight - self.abandoned - handed_back)
+        requeued = self.requeued + handed_back
+        worker.celery_ext_drain_report = {
+            "completed": completed,
+            "requeued": requeued,
+            "abandoned": self.abandoned,
+            "interrupted": self.interrupted,
+            "seconds": round(seconds, 3),
+        }
+        logger.warning(
+            "celery_ext: drained in %.2fs: %d completed, %d handed back (%d of them "
+            "interrupted at the deadline), %d abandoned",
+            seconds,
+            completed,
+            requeued,
+            handed_back,
+            self.abandoned,
         )
-    except Exception:
-        logger.exception("celery_ext: a drain_finished receiver failed")
+        try:
+            drain_finished.send(
+                sender=worker,
+                completed=completed,
+                requeued=requeued,
+                abandoned=self.abandoned,
+                interrupted=self.interrupted,
+                seconds=seconds,
+            )
+        except Exception:
+            logger.exception("celery_ext: a drain_finished receiver failed")
 
 
 def _buffered_pool(pool: Any) -> Any:
@@ -355,46 +401,22 @@ def _requeue_unstarted(pool: Any) -> int:
     return handed
 
 
-def _report_after_pool(
-    worker: Any, started_at: float, in_flight: int, requeued: int, abandoned: Callable[[], int]
-) -> None:
-    """Report the drain from ``worker_shutdown``: after the pool stopped, before the exit."""
-    uid = f"celery_ext.drain.report.{id(worker)}"
-
-    def report(sender: Any = None, **_: Any) -> None:
-        signals.worker_shutdown.disconnect(sender=worker, dispatch_uid=uid)
-        lost = abandoned()
-        if lost:
-            worker.exitcode = 1
-        _report(worker, started_at, max(0, in_flight - lost), requeued, lost)
-
-    signals.worker_shutdown.connect(report, sender=worker, weak=False, dispatch_uid=uid)
-
-
 class _PreforkDeadline:
     """Enforces ``drain_timeout`` on prefork while the pool's own stop waits for children.
 
-    A thread sleeps until the deadline (or until the pool stopped): then
-    ``SIGUSR1`` (:class:`~celery_ext.errors.TaskTimeout` in the child) to every
-    child still running a task, :data:`GRACE_S`, then the tasks still running
-    are saved (requeued, or published again) and their children killed. The
-    report goes out from ``worker_shutdown``, once the pool has stopped.
+    A thread sleeps until the deadline (or until the pool stopped): then it sets
+    the drain flag the children share and sends ``SIGUSR1`` to every child still
+    running a task (:class:`~celery_ext.errors.DrainInterrupted` there, which
+    hands the task back), waits :data:`GRACE_S`, then saves the tasks still
+    running (requeued, or published again) and kills their children. The report
+    goes out from ``worker_shutdown``, once the pool has stopped.
     """
 
-    def __init__(
-        self,
-        worker: Any,
-        pool: Any,
-        started_at: float,
-        timeout_s: float,
-        in_flight: int,
-        requeued: int,
-    ) -> None:
-        self.worker, self.pool = worker, pool
+    def __init__(self, pool: Any, tally: _Tally, deadline: float) -> None:
+        self.worker, self.pool, self.tally = tally.worker, pool, tally
         self.asyn = _buffered_pool(pool)
-        self.started_at, self.timeout_s = started_at, timeout_s
-        self.in_flight, self.requeued = in_flight, requeued
-        self.abandoned = 0
+        self.deadline = deadline
+        self.interrupted = self.abandoned = 0
         self.stopped = threading.Event()
         self._uid = f"celery_ext.drain.{id(self)}"
 
@@ -402,19 +424,18 @@ class _PreforkDeadline:
         signals.worker_shutdown.connect(
             self._on_shutdown, sender=self.worker, weak=False, dispatch_uid=self._uid
         )
-        _report_after_pool(
-            self.worker, self.started_at, self.in_flight, self.requeued, lambda: self.abandoned
-        )
+        self.tally.report_after_pool(lambda: (self.interrupted, self.abandoned))
         threading.Thread(target=self._watch, name="celery_ext-drain", daemon=True).start()
 
     def _running(self) -> list[Any]:
         return [r for r in requests_now(worker_state.active_requests) if r.worker_pid]
 
     def _watch(self) -> None:
-        left = self.timeout_s - (time.monotonic() - self.started_at)
-        if self.stopped.wait(max(0.0, left)) or not self._running():
+        if self.stopped.wait(max(0.0, self.deadline - time.monotonic())) or not self._running():
             return
+        drain_flag(self.worker.app).set()  # the children's SIGUSR1 handler reads it
         for request in self._running():
+            self.interrupted += 1
             self._signal(request, getattr(signal, "SIGUSR1", signal.SIGTERM))
         if self.stopped.wait(GRACE_S):
             return
@@ -428,7 +449,6 @@ class _PreforkDeadline:
                 job._error_callback = job._callback = None
             _save(request)
             self._signal(request, signal.SIGKILL)
-        self.worker.exitcode = 1
 
     def _signal(self, request: Any, signum: int) -> None:
         try:
@@ -474,3 +494,82 @@ def _save(request: Any) -> None:
             request.id,
             request.info(),
         )
+
+
+# -- the task side: a run ended by the drain's interrupt is handed back, not failed --------
+_HANDS_BACK = "__celery_ext_hands_back__"
+#: Celery's own control flow: what the task (or Celery) decided stands.
+_DECIDED = (Retry, Ignore, Reject)
+
+
+def interrupted_by_drain(exc: BaseException) -> bool:
+    """Whether ``exc`` is the drain's interrupt, or was raised while handling it.
+
+    Example::
+
+        interrupted_by_drain(RuntimeError("cleanup failed"))   # True inside `except TaskTimeout`
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, DrainInterrupted):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def apply_task_options(task: Any) -> None:
+    """Wrap ``task``'s body so a run ended by the drain's interrupt is handed back.
+
+    Applied to every task by ``install(app)``; outside a worker's drain the
+    wrapper only passes exceptions through.
+
+    Example::
+
+        apply_task_options(app.tasks["shop.export"])
+    """
+    cls: Any = task if isinstance(task, type) else type(task)
+    raw: Any = next((k.__dict__["run"] for k in cls.__mro__ if "run" in k.__dict__), None)
+    static = isinstance(raw, staticmethod)
+    fun = raw.__func__ if static else raw
+    if fun is None or getattr(fun, _HANDS_BACK, False):
+        return
+
+    @functools.wraps(fun)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fun(*args, **kwargs)
+        except _DECIDED:
+            raise
+        except Exception as exc:
+            if interrupted_by_drain(exc):
+                _hand_back(exc)
+            raise
+
+    setattr(run, _HANDS_BACK, True)
+    cls.run = staticmethod(run) if static else run
+
+
+def _hand_back(exc: BaseException) -> None:
+    """Give the running task back to the broker; raises :class:`HandedBack`."""
+    task: Any = current_task
+    request = getattr(task, "request", None)
+    if task is None or request is None or request.called_directly or request.is_eager:
+        return  # not a worker run: the exception stands
+    if not task.acks_late:
+        # Early ack: the message is gone; a copy (same id) keeps the task.
+        thread = threading.current_thread()
+        if not getattr(thread, "celery_ext_saved", False):  # abandoned: the drain did it
+            try:
+                task.signature_from_request(request).apply_async()
+            except Exception as publish_error:
+                logger.error(
+                    "celery_ext: %s[%s] was interrupted by the drain and could not be "
+                    "published again: %r",
+                    task.name,
+                    request.id,
+                    publish_error,
+                )
+                return  # it fails as the exception says
+    raise HandedBack(f"{type(exc).__name__} at the warm shutdown's drain deadline") from exc

@@ -28,10 +28,13 @@ retries_exhausted = Signal(
 #: handler), before intake stops. ``sender`` is the WorkController.
 drain_started = Signal(name="drain_started", providing_args=set())
 
-#: The drain ended: ``completed`` tasks finished, ``requeued`` held messages were
-#: handed back at once, ``abandoned`` were still running at ``drain_timeout``
-#: (requeued, or published again), in ``seconds``. ``sender`` is the WorkController.
+#: The drain ended, in ``seconds``: ``completed`` tasks ended on their own;
+#: ``requeued`` went back to the broker (held messages handed back at once, and
+#: tasks that ended by the deadline's interrupt); ``interrupted`` tasks got
+#: :class:`~celery_ext.errors.DrainInterrupted` at ``drain_timeout``;
+#: ``abandoned`` still ran after the grace (requeued, or published again).
+#: ``sender`` is the WorkController.
 drain_finished = Signal(
     name="drain_finished",
-    providing_args={"completed", "requeued", "abandoned", "seconds"},
+    providing_args={"completed", "requeued", "abandoned", "interrupted", "seconds"},
 )

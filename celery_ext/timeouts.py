@@ -41,10 +41,12 @@ Example::
 from __future__ import annotations
 
 import ctypes
+import functools
 import heapq
 import itertools
 import logging
 import math
+import mmap
 import signal
 import threading
 import time
@@ -59,7 +61,7 @@ from celery.concurrency.gevent import TaskPool as GeventPool
 from celery.worker import state as worker_state
 
 from . import aio
-from .errors import ConfigurationError, TaskTimeout
+from .errors import ConfigurationError, DrainInterrupted, TaskTimeout
 
 __all__ = ["TimeoutPool", "Timeouts", "remaining", "timeout"]
 
@@ -122,6 +124,7 @@ def apply_task_options(task: Any) -> None:
     _add_start_stamp(task if isinstance(task, type) else type(task))
     if aio.is_async_task(task):
         aio.wrap_async_task(task, deadlines)
+    _mark_body(task if isinstance(task, type) else type(task))
 
 
 def timeout(hard: float | timedelta | None = None, soft: float | timedelta | None = None) -> Any:
@@ -225,6 +228,39 @@ def _add_start_stamp(cls: Any) -> None:
     cls.before_start = before_start
 
 
+_BODY = "__celery_ext_body__"
+
+
+def _mark_body(cls: Any) -> None:
+    """Wrap ``cls.run`` so its thread knows when the task's own code runs.
+
+    prefork's soft-limit signal can come after the body returned (billiard
+    sometimes sends it twice, or as the task ends): raised in Celery's tracer or
+    billiard's loop it failed a finished task or killed the child. The handler
+    raises only inside the body, and once per run for each cause.
+    """
+    raw: Any = next((k.__dict__["run"] for k in cls.__mro__ if "run" in k.__dict__), None)
+    static = isinstance(raw, staticmethod)
+    fun = raw.__func__ if static else raw
+    if fun is None or getattr(fun, _BODY, False):
+        return
+
+    @functools.wraps(fun)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        thread: Any = threading.current_thread()
+        outer = getattr(thread, "celery_ext_in_body", False)  # a task called inside one
+        if not outer:
+            thread.celery_ext_soft_fired = thread.celery_ext_drain_fired = False
+        thread.celery_ext_in_body = True
+        try:
+            return fun(*args, **kwargs)
+        finally:
+            thread.celery_ext_in_body = outer
+
+    setattr(run, _BODY, True)
+    cls.run = staticmethod(run) if static else run
+
+
 _SIGSOFT = getattr(signal, "SIGUSR1", None)
 
 
@@ -235,11 +271,69 @@ def _billiard_handler() -> Any:
 
 
 def _raise_task_timeout(signum: int, frame: Any) -> None:
-    action = _soft_action(threading.main_thread())
+    # The parent sends the same signal at a warm shutdown's drain deadline, after
+    # setting the drain flag it shares with its children.
+    thread: Any = threading.main_thread()
+    if not getattr(thread, "celery_ext_in_body", True):
+        return  # the task's code is done: a late signal must not fail it or the child
+    draining = _drain_flag_set()
+    fired = "celery_ext_drain_fired" if draining else "celery_ext_soft_fired"
+    if getattr(thread, fired, False):
+        return  # once per run and cause (billiard can send a soft limit twice)
+    setattr(thread, fired, True)
+    action = _soft_action(thread)
     if action == "raise":
-        raise TaskTimeout()
+        raise DrainInterrupted() if draining else TaskTimeout()
     if action == "cancel":
-        threading.main_thread().celery_ext_soft_cancel()  # type: ignore[attr-defined]
+        thread.celery_ext_drain_interrupted = draining
+        thread.celery_ext_soft_cancel()
+
+
+# -- the drain flag (prefork) ------------------------------------------------------------
+_DRAIN_FLAG = "_celery_ext_drain_flag"
+
+
+class SharedFlag:
+    """One byte of anonymous shared memory: set in a worker, read by its prefork children.
+
+    Made before the pool forks (children forked later, as replacements, share it
+    too). The drain sets it before signalling children at its deadline, so a
+    child tells a drain interrupt from its own soft time limit.
+
+    Example::
+
+        flag = drain_flag(app)
+        flag.set(); flag.is_set()   # True, in the children too
+    """
+
+    def __init__(self) -> None:
+        self._memory = mmap.mmap(-1, 1)
+
+    def set(self) -> None:
+        self._memory[0] = 1
+
+    def is_set(self) -> bool:
+        return self._memory[0] == 1
+
+
+def drain_flag(app: Any) -> SharedFlag:
+    """``app``'s drain flag, made on first use (by the worker, before its pool forks).
+
+    Example::
+
+        drain_flag(app).set()
+    """
+    flag: SharedFlag | None = app.__dict__.get(_DRAIN_FLAG)
+    if flag is None:
+        flag = app.__dict__.setdefault(_DRAIN_FLAG, SharedFlag())
+    return flag
+
+
+def _drain_flag_set() -> bool:
+    task: Any = current_task
+    app = getattr(task, "app", None) if task is not None else None
+    flag = app.__dict__.get(_DRAIN_FLAG) if app is not None else None
+    return isinstance(flag, SharedFlag) and flag.is_set()
 
 
 def _soft_action(thread: threading.Thread) -> str:
@@ -551,16 +645,48 @@ class TimeoutPool(BasePool):  # type: ignore[misc]
                 self._idle_waiters -= 1
 
     def interrupt_running(self) -> int:
-        """Raise TaskTimeout in every running task, as its soft limit would; returns how many."""
+        """Raise :class:`DrainInterrupted` in every running task (the drain deadline).
+
+        An ``async def`` task is cancelled instead and ends with it. Returns how
+        many tasks were interrupted.
+
+        Example::
+
+            pool.interrupt_running()   # 2
+        """
         with self._lock:
             runs = [run for run, _ in self._running.values() if not run.done and not run.abandoned]
             for run in runs:
-                if _soft_action(run.thread) == "raise":
+                action = _soft_action(run.thread)
+                if action == "raise":
                     run.raised = True
-                    _async_raise(run.ident, TaskTimeout)
-                elif _soft_action(run.thread) == "cancel":
+                    _async_raise(run.ident, DrainInterrupted)
+                elif action == "cancel":
+                    run.thread.celery_ext_drain_interrupted = True  # type: ignore[attr-defined]
                     run.thread.celery_ext_soft_cancel()  # type: ignore[attr-defined]
             return len(runs)
+
+    def abandon_running(self) -> list[Any]:
+        """Give up on the tasks still running (the drain's grace is over); their Requests.
+
+        Their results are ignored from now on (the drain saves their messages);
+        a thread that ends by the drain's interrupt later does not save it again.
+
+        Example::
+
+            for request in pool.abandon_running():
+                save(request)
+        """
+        with self._lock:
+            runs = [
+                (run, request)
+                for run, request in self._running.values()
+                if not run.done and not run.abandoned and request is not None
+            ]
+            for run, _ in runs:
+                run.abandoned = True
+                run.thread.celery_ext_saved = True  # type: ignore[attr-defined]
+            return [request for _, request in runs]
 
     def alive_threads(self) -> int:
         """Pool threads still running (a task that outlived the stop deadline)."""
@@ -609,12 +735,12 @@ class GeventTimeoutPool(GeventPool):  # type: ignore[misc]
     drain_deadline: float | None = None
     #: Called with each request still running after the deadline and grace (the drain's save).
     drain_abandon: Callable[[Any], None] | None = None
-    abandoned = 0
+    abandoned = interrupted = 0
 
     def on_stop(self) -> None:
         """Wait for running greenlets, but only until the drain's deadline.
 
-        Then ``TaskTimeout`` is thrown into each, a grace of ``drain_grace_s``,
+        Then :class:`DrainInterrupted` is thrown into each, a grace of ``drain_grace_s``,
         and what still runs is handed to :attr:`drain_abandon` and killed.
         """
         pool, deadline = self._pool, self.drain_deadline
@@ -623,8 +749,9 @@ class GeventTimeoutPool(GeventPool):  # type: ignore[misc]
         pool.join(timeout=max(0.0, deadline - time.monotonic()))
         if not len(pool):
             return None
+        self.interrupted = len(pool)
         for greenlet in list(pool):
-            greenlet.kill(TaskTimeout, block=False)
+            greenlet.kill(DrainInterrupted, block=False)
         pool.join(timeout=self.drain_grace_s)
         for request in list(worker_state.active_requests):
             self.abandoned += 1
@@ -737,6 +864,7 @@ class Timeouts(bootsteps.StartStopStep):  # type: ignore[misc]
             )
         from ._tasks import apply_all
 
+        drain_flag(w.app)  # before the pool forks: prefork children share it
         apply_all(w.app)
         limited = _apply_worker_defaults(w)
         if limited and w.pool_cls is TimeoutPool:

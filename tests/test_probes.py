@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import wait_for
-from tests.test_shutdown import Run
+from tests.test_shutdown import ROOT, Run
 
 
 def free_port() -> int:
@@ -65,3 +67,34 @@ def test_ready_and_live_over_http_through_a_stuck_loop_and_a_drain(
     assert run.proc.wait(30) == 0
     assert probe(port, "/ready") == 0  # the server went away with the worker
     assert run.finished() == {0}
+
+
+@pytest.mark.parametrize("flag", ["--probe-port", "--metrics-port"])
+@pytest.mark.parametrize("kind", ["redis", "amqp"])
+def test_a_taken_port_stops_the_start_with_one_line_naming_flag_and_port(
+    request: pytest.FixtureRequest, redis_url: str, unique_queue: str, kind: str, flag: str
+) -> None:
+    # It used to look like a broker outage: "Connection to broker lost ... Address
+    # already in use", retried forever, the worker never ready.
+    broker = redis_url if kind == "redis" else str(request.getfixturevalue("amqp_url"))
+    run = Run(broker, redis_url, unique_queue)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "tests.apps.drain_app", "worker",
+            "-P", "threads", "-Q", unique_queue, flag, str(port), "-l", "WARNING",
+            "--without-mingle", "--without-gossip",
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(
+                cmd, env=run.env, cwd=ROOT, capture_output=True, text=True, timeout=60
+            )
+        finally:
+            run.cleanup()
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, done.stderr
+    assert f"{flag} {port}: cannot listen on 127.0.0.1:{port}" in errors[0]
+    assert "Traceback" not in done.stderr and "Connection to broker lost" not in done.stderr

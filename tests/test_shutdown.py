@@ -49,8 +49,11 @@ class Run:
         self.proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT)
         wait_for(lambda: self.app.control.ping(destination=[self.hostname], timeout=0.5), 30)
 
-    def send(self, n: int, seconds: float, stubborn: bool = False) -> None:
-        self.app.send_task("drain.work", (n, seconds, stubborn))
+    def send(self, n: int, seconds: float, stubborn: bool = False) -> str:
+        return str(self.app.send_task("drain.work", (n, seconds, stubborn)).id)
+
+    def send_early(self, n: int, seconds: float) -> str:
+        return str(self.app.send_task("drain.early", (n, seconds)).id)
 
     def depth(self) -> int:
         with Connection(self.broker) as conn:
@@ -67,6 +70,24 @@ class Run:
     def runs(self) -> dict[int, int]:
         return {int(k): int(v) for k, v in self.ledger.hgetall(f"{self.queue}.runs").items()}
 
+    def failures(self) -> list[str]:
+        return [x.decode() for x in self.ledger.lrange(f"{self.queue}.failures", 0, -1)]
+
+    def queued_ids(self) -> list[str]:
+        """Task ids of the messages waiting in the queue (read without taking them)."""
+        with Connection(self.broker) as conn:
+            if conn.transport.driver_type == "redis":
+                raw = conn.default_channel.client.lrange(self.queue, 0, -1)
+                return [json.loads(item)["headers"]["id"] for item in raw]
+            channel = conn.channel()
+            try:
+                ids = []
+                while (message := channel.basic_get(self.queue)) is not None:
+                    ids.append(message.headers["id"])
+                return ids
+            finally:
+                channel.close()  # unacked: back in the queue
+
     def reports(self) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.ledger.lrange(f"{self.queue}.drain", 0, -1)]
 
@@ -74,7 +95,7 @@ class Run:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        for suffix in ("started", "finished", "drain", "runs"):
+        for suffix in ("started", "finished", "drain", "runs", "failures"):
             self.ledger.delete(f"{self.queue}.{suffix}")
         # A killed worker's Redis leases: no later test's worker should recover them.
         for key in self.ledger.scan_iter(f"celery_ext.lease.*:{self.hostname}:*"):
@@ -147,6 +168,28 @@ def test_at_the_deadline_stragglers_are_requeued_and_the_exit_status_says_so(run
     assert run.depth() == 2  # acks_late: both messages are back in the queue
     assert run.finished() == set()
     assert run.reports()[-1]["abandoned"] == 2
+
+
+@pytest.mark.parametrize("run", ["threads", "solo", "prefork", "gevent"], indirect=True)
+def test_tasks_interrupted_at_the_deadline_are_handed_back_not_failed(run: Run) -> None:
+    # Stock Celery's soft-limit path stored such tasks as FAILURE and acked them: a
+    # deploy turned running work into failures. Both go back to the broker instead:
+    # the acks_late one requeued, the early-acked one published again (same id).
+    run.start("--drain-timeout", "1", "-c", "1" if run.pool == "solo" else "2")
+    ids = {run.send(0, 20.0)}
+    if run.pool != "solo":
+        ids.add(run.send_early(1, 20.0))
+    wait_for(lambda: len(run.started()) == len(ids) and run.depth() == 0)
+    assert run.proc is not None
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(30) == 1  # the deadline cut the drain short
+    assert run.failures() == []  # no FAILURE, no task_failure
+    wait_for(lambda: run.depth() == len(ids), timeout=10)
+    assert sorted(run.queued_ids()) == sorted(ids)
+    assert run.finished() == set()
+    report = run.reports()[-1]
+    expected = {"completed": 0, "requeued": len(ids), "abandoned": 0, "interrupted": len(ids)}
+    assert {k: report[k] for k in expected} == expected, report
 
 
 @pytest.mark.parametrize("run", ["threads", "prefork"], indirect=True)

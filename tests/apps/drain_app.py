@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 from celery.worker.control import control_command
 
 import celery_ext
@@ -32,6 +32,16 @@ ledger = redis.Redis.from_url(LEDGER)
 @app.task(name="drain.work", acks_late=True)
 def work(n: int, seconds: float, stubborn: bool = False) -> None:
     """Runs ``seconds`` in small sleeps; ``stubborn`` ignores TaskTimeout."""
+    _work(n, seconds, stubborn)
+
+
+@app.task(name="drain.early")
+def early(n: int, seconds: float) -> None:
+    """Like ``work``, acked as it starts (no acks_late)."""
+    _work(n, seconds, False)
+
+
+def _work(n: int, seconds: float, stubborn: bool) -> None:
     ledger.sadd(f"{QUEUE}.started", n)
     ledger.hincrby(f"{QUEUE}.runs", str(n), 1)
     end = time.monotonic() + seconds
@@ -42,6 +52,11 @@ def work(n: int, seconds: float, stubborn: bool = False) -> None:
             if not stubborn:
                 raise
     ledger.sadd(f"{QUEUE}.finished", n)
+
+
+@signals.task_failure.connect
+def _failed(task_id: str | None = None, exception: Any = None, **_: Any) -> None:
+    ledger.rpush(f"{QUEUE}.failures", f"{task_id} {exception!r}")
 
 
 @control_command(args=[("seconds", float)], signature="<seconds>")
