@@ -493,6 +493,13 @@ class RedisChannel(_Collecting, SizeLimited, AtomicDelivery, kombu_redis.Channel
     def celery_ext_take_unrecorded(self) -> list[tuple[Any, str, str]]:
         return self.bounds.take_unrecorded() if self.bounds is not None else []
 
+    def celery_ext_dead_letter_raw(self, raw: bytes, queue: str, reason: str, detail: str) -> bool:
+        if self.bounds is None:
+            return False
+        from .intake import dead_letter_raw
+
+        return dead_letter_raw(self.bounds.app, raw, queue, reason, detail)
+
     @cached_property
     def bounds(self) -> Bounds | None:
         bounds = self.connection.client.transport_options.get(BOUNDS_OPTION)

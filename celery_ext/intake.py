@@ -37,8 +37,15 @@ queue is full) the message is handled exactly as stock Celery handles it and
 counted as ``not_dead_lettered``. A message from the dead-letter queue itself
 is never dead-lettered again (a worker consuming that queue would loop).
 
-Limits: a message the transport itself cannot parse (a hand-pushed non-JSON
-item in a Redis list) fails inside kombu before Celery sees it.
+Below Celery: an item in a Redis list that is not a kombu message at all (not
+JSON, or JSON without kombu's envelope, e.g. ``redis-cli LPUSH celery 'x'``)
+kills a stock worker or vanishes in a reconnect. celery_ext's Redis channel
+(:mod:`celery_ext.redis_delivery`) moves such an item, in the script that pops
+it, to a holding list, and :func:`dead_letter_raw` keeps it in the dead-letter
+queue (reason ``undecodable`` or ``invalid message``, its raw bytes) before
+the holding list lets it go. On RabbitMQ every message is a kombu message;
+one from another producer (no headers, any content type) reaches the hooks
+above.
 
 Example::
 
@@ -59,6 +66,7 @@ from typing import Any
 from celery import bootsteps, signals
 from celery.exceptions import InvalidTaskError, NotRegistered
 from celery.utils.objects import Bunch
+from kombu import Message
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.utils.uuid import uuid
 
@@ -69,7 +77,7 @@ from .metrics import counters_of, send_worker_event
 from .retry import now_iso
 from .sizes import body_size
 
-__all__ = ["Intake"]
+__all__ = ["Intake", "dead_letter_raw"]
 
 logger = logging.getLogger(__name__)
 
@@ -296,6 +304,53 @@ class Intake(bootsteps.StartStopStep):  # type: ignore[misc]
             )
             return False
         return True
+
+
+def dead_letter_raw(app: Any, raw: bytes, queue: str, reason: str, detail: str) -> bool:
+    """Keep ``raw`` (not a kombu message: its transport could not parse it) as a dead letter.
+
+    Counted under ``bad_input`` like the messages Celery refuses; returns False
+    (counted as ``not_dead_lettered``, logged with the bytes) when the
+    dead-letter queue refused it.
+
+    Example::
+
+        dead_letter_raw(app, b"not json", "celery", "undecodable", "JSONDecodeError: ...")
+    """
+    counters = counters_of(app, "bad_input")
+    counters.add(reason.replace(" ", "_"))
+    message = Message(
+        body=raw,
+        content_type=None,
+        content_encoding=None,
+        delivery_info={"exchange": "", "routing_key": queue},
+        properties={},
+        headers={},
+    )
+    entry_id = uuid()
+    entry = _entry(Bunch(hostname=None), message, reason, None, detail, entry_id, queue)
+    try:
+        DeadLetters(app).push(entry)
+    except Exception as push_error:
+        counters.add("not_dead_lettered")
+        logger.error(
+            "celery_ext: could not dead-letter an unreadable item of queue %r (%s: %s): %r; "
+            "its bytes: %r",
+            queue,
+            reason,
+            _one_line(detail),
+            push_error,
+            raw[:1024],
+        )
+        return False
+    logger.warning(
+        "celery_ext: dead-lettered an unreadable item of queue %r as %s (%s): %s",
+        queue,
+        entry_id,
+        reason,
+        _one_line(detail),
+    )
+    return True
 
 
 def _unwrapped(hook: Any) -> Any:

@@ -20,6 +20,15 @@ no process. Chaos runs (``tests/chaos``) hit that window every few dozen kills.
 - Consumers with ``no_ack`` (none of Celery's task consumers) keep kombu's
   ``BRPOP``.
 
+**Items that are not kombu messages** (not JSON, or JSON without kombu's
+envelope, e.g. ``redis-cli LPUSH celery 'x'``) killed a stock worker or were
+lost in a reconnect. The pop script moves such an item to a holding list
+(``<list>:celery_ext.unreadable``) in the same step, and the worker keeps it in
+the dead-letter queue with its bytes and a reason before letting go of it; an
+envelope kombu cannot read (:class:`CheckedMessage`) is dead-lettered the same
+way, from its unacked record. A worker killed in between leaves it held: the
+next one consuming that queue dead-letters it.
+
 :class:`RecordingQoS` keeps a message whose record failed (the broker went away
 mid-delivery) so the next channel pushes it back; and a late ack or a second
 close on the channel of a collected connection raises a connection error
@@ -49,8 +58,14 @@ logger = logging.getLogger(__name__)
 #: Longest wait before an idle channel looks at its other queues and priorities again.
 IDLE_WAIT_S = 0.1
 
+#: Suffix of the list (one per queue list) holding items that are not kombu
+#: messages until the worker has dead-lettered them.
+UNREADABLE_SUFFIX = ":celery_ext.unreadable"
+
 # KEYS: unacked hash, unacked index, lease set ('' for none), then the lists in
-# kombu's BRPOP order. ARGV[1]: now (s). Returns {list, message} or nil.
+# kombu's BRPOP order. ARGV[1]: now (s), ARGV[2]: UNREADABLE_SUFFIX. Returns
+# {list, message, delivery tag}, {list, item} for an item held as unreadable
+# (no kombu envelope), or nil.
 # The record is '[' .. message .. ',' .. exchange .. ',' .. routing key .. ']',
 # the message bytes untouched (cjson would round large numbers).
 _POP = """
@@ -68,17 +83,37 @@ for i = 4, #KEYS do
         ex, rk = info['exchange'] or '', info['routing_key'] or ''
       end
     end
-    if type(tag) == 'string' then
-      redis.call('HSET', KEYS[1], tag,
-        '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
-      redis.call('ZADD', KEYS[2], ARGV[1], tag)
-      if KEYS[3] ~= '' then redis.call('SADD', KEYS[3], tag) end
+    if type(tag) ~= 'string' then
+      redis.call('LPUSH', KEYS[i] .. ARGV[2], item)
+      return {KEYS[i], item}
     end
-    return {KEYS[i], item}
+    redis.call('HSET', KEYS[1], tag,
+      '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
+    redis.call('ZADD', KEYS[2], ARGV[1], tag)
+    if KEYS[3] ~= '' then redis.call('SADD', KEYS[3], tag) end
+    return {KEYS[i], item, tag}
   end
 end
 return nil
 """
+
+
+class UnreadableMessage(Exception):
+    """A list item kombu cannot make a message of (raised while building it)."""
+
+
+class CheckedMessage(kombu_virtual.Message):  # type: ignore[misc]
+    """kombu's message, raising :class:`UnreadableMessage` for a malformed envelope.
+
+    Building a message does no I/O, so anything it raises is the payload's fault
+    (kombu's KeyError would otherwise count as a lost connection).
+    """
+
+    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        try:
+            super().__init__(payload, channel=channel, **kwargs)
+        except Exception as exc:
+            raise UnreadableMessage(f"not a kombu message: {type(exc).__name__}: {exc}") from exc
 
 
 class RecordingQoS(kombu_redis.QoS):  # type: ignore[misc]
@@ -129,6 +164,7 @@ class AtomicDelivery:
     """
 
     QoS = RecordingQoS
+    Message = CheckedMessage
     _celery_ext_recorded: str | None = None
     _celery_ext_waiting = False  # the command in flight is the idle wait
     #: Lease set of this channel's worker (set by celery_ext.leases), or None.
@@ -140,6 +176,7 @@ class AtomicDelivery:
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         self._push_back_unrecorded()
+        self._dead_letter_held(queue)
         if no_ack:
             self._celery_ext_no_ack.add(queue)
         return super().basic_consume(queue, no_ack, *args, **kwargs)  # type: ignore[misc]
@@ -148,6 +185,10 @@ class AtomicDelivery:
         raise NotImplementedError
 
     def celery_ext_take_unrecorded(self) -> list[tuple[Any, str, str]]:
+        raise NotImplementedError
+
+    def celery_ext_dead_letter_raw(self, raw: bytes, queue: str, reason: str, detail: str) -> bool:
+        """Keep ``raw`` (not a kombu message) in the dead-letter queue; True when kept."""
         raise NotImplementedError
 
     def _push_back_unrecorded(self) -> None:
@@ -168,6 +209,48 @@ class AtomicDelivery:
             "celery_ext: requeued %d message(s) received as the broker connection failed",
             len(items),
         )
+
+    # -- unreadable items ------------------------------------------------------
+    def _unreadable(
+        self, list_key: str, raw: bytes, queue: str, exc: BaseException, tag: str | None = None
+    ) -> None:
+        """Dead-letter an item that is not a kombu message, then let go of it.
+
+        It is held until then: in the unreadable list (``tag`` None) or in the
+        unacked record (``tag``), so a crash in between keeps it.
+        """
+        reason = "invalid message" if isinstance(exc, UnreadableMessage) else "undecodable"
+        detail = f"{type(exc).__name__}: {exc}"
+        kept = self.celery_ext_dead_letter_raw(raw, queue, reason, detail)
+        me: Any = self
+        if not kept:  # still held: tried again at the next consume (or restore)
+            where = repr(list_key + UNREADABLE_SUFFIX) if tag is None else "the unacked hash"
+            logger.error("celery_ext: an unreadable item of queue %r stays in %s", queue, where)
+            return
+        with me.conn_or_acquire() as client, client.pipeline() as pipe:
+            if tag is None:
+                pipe.lrem(list_key + UNREADABLE_SUFFIX, 1, raw)
+            else:
+                prefix = me.global_keyprefix or ""
+                pipe.hdel(prefix + me.unacked_key, tag)
+                pipe.zrem(prefix + me.unacked_index_key, tag)
+                owned = self.celery_ext_owned_key
+                if owned:
+                    pipe.srem(prefix + owned, tag)
+            pipe.execute()
+
+    def _dead_letter_held(self, queue: str) -> None:
+        """Dead-letter what a worker that died left in ``queue``'s unreadable lists."""
+        me: Any = self
+        prefix = me.global_keyprefix or ""
+        try:
+            with me.conn_or_acquire() as client:
+                for pri in me.priority_steps:
+                    key = prefix + me._q_for_pri(queue, pri)
+                    for raw in client.lrange(key + UNREADABLE_SUFFIX, 0, -1):
+                        self._unreadable(key, raw, queue, _why_unreadable(raw))
+        except me.connection_errors:
+            logger.debug("celery_ext: could not look at held items of %r", queue, exc_info=True)
 
     # -- consuming -----------------------------------------------------------
     def _brpop_start(self, timeout: float | None = None) -> None:
@@ -195,7 +278,9 @@ class AtomicDelivery:
             (prefix + owned) if owned else "",
             *lists,
         ]
-        connection.send_command("EVAL", _POP, len(keys), *keys, repr(time.time()))
+        connection.send_command(
+            "EVAL", _POP, len(keys), *keys, repr(time.time()), UNREADABLE_SUFFIX
+        )
         return None
 
     def _brpop_read(self, **options: Any) -> Any:
@@ -212,15 +297,27 @@ class AtomicDelivery:
             if waited or not reply:
                 self._celery_ext_waiting = not waited  # pop found nothing: wait next
                 raise kombu_redis.Empty()
-            key, item = reply
+            key, item, *recorded = reply
             key = key.decode() if isinstance(key, bytes) else str(key)
+            raw = item if isinstance(item, bytes) else str(item).encode()
             prefix = me.global_keyprefix or ""
             dest = key[len(prefix) :].rsplit(me.sep, 1)[0]  # no priority suffix
-            payload = loads(item.decode() if isinstance(item, bytes) else item)
             me._queue_cycle.rotate(dest)
-            self._celery_ext_recorded = payload.get("properties", {}).get("delivery_tag")
+            if not recorded:  # not JSON, or no kombu envelope: held by the script
+                self._unreadable(key, raw, dest, _why_unreadable(raw))
+                raise kombu_redis.Empty()
+            tag = recorded[0].decode() if isinstance(recorded[0], bytes) else str(recorded[0])
+            try:
+                payload = loads(raw.decode())
+            except Exception as exc:  # JSON to Redis's cjson, not to Python's
+                self._unreadable(key, raw, dest, exc, tag)
+                raise kombu_redis.Empty() from None
+            self._celery_ext_recorded = tag
             try:
                 me.connection._deliver(payload, dest)
+            except UnreadableMessage as exc:
+                self._unreadable(key, raw, dest, exc, tag)
+                raise kombu_redis.Empty() from None
             finally:
                 self._celery_ext_recorded = None
             return True
@@ -238,3 +335,14 @@ class AtomicDelivery:
         if getattr(getattr(self, "connection", None), "client", None) is None:
             raise redis.ConnectionError("this channel's connection was closed")
         return super()._connparams(asynchronous)  # type: ignore[misc]
+
+
+def _why_unreadable(raw: bytes) -> BaseException:
+    """The error a held item gives: not JSON, or JSON that is no kombu envelope."""
+    try:
+        payload = loads(raw.decode())
+    except Exception as exc:
+        return exc
+    return UnreadableMessage(
+        f"not a kombu message: JSON {type(payload).__name__} without properties.delivery_tag"
+    )

@@ -5,6 +5,7 @@ json-only defaults; the local lane opens no socket."""
 
 from __future__ import annotations
 
+import base64
 import json
 import pickle
 import subprocess
@@ -324,3 +325,86 @@ def test_the_local_lane_never_opens_a_socket() -> None:
         [sys.executable, "-c", _NO_SOCKETS], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- below Celery: items that are not kombu messages -------------------------------------------
+def _push_raw(app: Celery, kind: str, items: list[tuple[bytes, str | None]]) -> None:
+    """Put ``items`` (body, content type) in the app's queue the way a non-Celery producer
+    would: LPUSH on Redis (no kombu envelope), a bare basic.publish on RabbitMQ."""
+    queue = app.conf.task_default_queue
+    with app.connection_for_write() as conn:
+        app.amqp.queues[queue].bind(conn.default_channel).declare()
+        if kind == "redis":
+            client = conn.default_channel.client
+            for body, _ in items:
+                client.lpush(queue, body)
+            return
+        import amqp
+
+        channel = conn.connection.channel()  # py-amqp itself: no kombu, no headers
+        try:
+            for body, content_type in items:
+                properties = {"content_type": content_type} if content_type else {}
+                channel.basic_publish(amqp.Message(body, **properties), routing_key=queue)
+        finally:
+            channel.close()
+
+
+@pytest.mark.parametrize("app", ["redis", "amqp"], indirect=True)
+def test_garbage_on_the_wire_is_dead_lettered_and_the_worker_keeps_consuming(
+    app: Celery, request: pytest.FixtureRequest
+) -> None:
+    # Stock Celery dies on a non-JSON Redis item (JSONDecodeError), and a JSON item
+    # without kombu's envelope was lost in a reconnect (KeyError('properties')).
+    kind = request.node.callspec.params["app"]
+    ran = Ran()
+    record = record_task(app, ran)
+    garbage: list[tuple[bytes, str | None]] = [
+        (b"not json", "text/plain"),
+        (b'{"hello": "world"}', "application/json"),
+        (b"\xff\xfe\x00binary", None),
+        (b"[1, 2, 3]", "application/octet-stream"),
+    ]
+    if kind == "redis":  # an envelope kombu cannot read: its body is not base64
+        envelope = {
+            "body": "%%% not base64 %%%",
+            "content-type": "application/json",
+            "headers": {},
+            "properties": {
+                "delivery_tag": str(uuid.uuid4()),
+                "body_encoding": "base64",
+                "delivery_info": {"exchange": "", "routing_key": app.conf.task_default_queue},
+            },
+        }
+        garbage.append((json.dumps(envelope).encode(), None))
+    with embedded_worker(app) as worker:
+        assert record.delay("before").get(timeout=30) == "before"
+        _push_raw(app, kind, garbage)
+        wait_for(lambda: len(DeadLetters(app).list()) >= len(garbage), timeout=30, every=0.1)
+        for n in range(3):  # the same worker goes on consuming
+            assert record.delay(f"after-{n}").get(timeout=30) == f"after-{n}"
+        section = inspect_stats(app, worker.hostname)["celery_ext"]
+    entries = DeadLetters(app).list()
+    assert len(entries) == len(garbage), entries
+    bodies = set()
+    for entry in entries:
+        kept = entry["message"]
+        raw = (
+            base64.b64decode(kept["body"])
+            if kept["body_encoding"] == "base64"
+            else kept["body"].encode()
+        )
+        bodies.add(raw)
+        assert entry["reason"] in ("undecodable", "invalid message"), entry
+        assert entry["queue"] == app.conf.task_default_queue and entry["exception"]["message"]
+    if kind == "redis":  # the raw list items, byte for byte
+        assert {body for body, _ in garbage[:4]} <= bodies
+    else:  # what RabbitMQ delivered: the bodies as published
+        assert {body for body, _ in garbage} == bodies
+    assert sum(section["bad_input"].values()) == len(garbage)
+    assert sorted(ran.tags) == ["after-0", "after-1", "after-2", "before"]
+    with app.connection_for_write() as conn:
+        if kind == "redis":  # nothing left held, nothing left unacked of this queue
+            client = conn.default_channel.client
+            queue = app.conf.task_default_queue
+            assert client.llen(f"{queue}:celery_ext.unreadable") == 0
