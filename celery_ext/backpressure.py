@@ -32,7 +32,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -97,6 +99,45 @@ class _LaneParking:
         return 0
 
 
+class _AmqpMover:
+    """Moves due parked messages on RabbitMQ (:meth:`AmqpParking.move_due`) every
+    ``interval_s``, in a thread and on a connection of its own.
+
+    Never on the consumer's event loop: a mover waiting for RabbitMQ (publisher
+    confirms, or a connection the broker throttles with flow control) held up a
+    warm shutdown by seconds. The connection is made again after a failure.
+    """
+
+    def __init__(self, app: Any, prefix: str, interval_s: float) -> None:
+        self.app, self.prefix, self.interval_s = app, prefix, interval_s
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="celery_ext-mover", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        connection: Any = None
+        parking: AmqpParking | None = None
+        while not self._stopping.is_set():
+            try:
+                if parking is None:
+                    connection = self.app.connection_for_write()
+                    parking = AmqpParking(connection.channel(), prefix=self.prefix)
+                parking.move_due()
+            except Exception:  # what it took and did not ack goes back to the due queue
+                logger.warning("celery_ext: moving parked messages failed", exc_info=True)
+                parking = None
+                with contextlib.suppress(Exception):
+                    connection.close()
+            self._stopping.wait(self.interval_s)
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def close(self, timeout: float = 1.0) -> None:
+        self._stopping.set()
+        self._thread.join(timeout)
+
+
 def _parking_for(connection: Any, prefix: str) -> Any:
     driver = connection.transport.driver_type
     if driver == "redis":
@@ -148,6 +189,7 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         self.parked = 0
         self.park_errors = 0
         self.store: Any = None
+        self.mover: _AmqpMover | None = None
         self._timer_entry: Any = None
         self._relax_entry: Any = None
         self._eta_messages: list[Any] = []  # held, for a drain to hand back
@@ -185,6 +227,8 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         c.celery_ext_backpressure = self
         # Celery calls this from the ack callback (a pool thread on the threads pool).
         c._restore_prefetch_count_after_connection_restart = lambda *_: self._restore_prefetch(c)
+        if isinstance(self.store, AmqpParking) and self.mover is None:
+            self.mover = _AmqpMover(c.app, self.store.prefix, self.park_interval_s)
         if isinstance(self.store, RedisParking) and self._timer_entry is None:
             self._timer_entry = c.timer.call_repeatedly(self.park_interval_s, self._move_due)
         if self.budget is not None and self._relax_entry is None:
@@ -196,7 +240,11 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
                 entry.cancel()
         self._timer_entry = self._relax_entry = None
 
-    shutdown = stop
+    def shutdown(self, c: Any) -> None:
+        self.stop(c)
+        mover, self.mover = self.mover, None
+        if mover is not None:
+            mover.close()
 
     def _restore_prefetch(self, c: Any) -> None:
         """Celery's gradual prefetch restore after a reconnect, sent by the consumer loop.

@@ -11,16 +11,20 @@ queue when it is due, with its body, headers, id and routing untouched.
   number of workers may run the mover at once: each due message is moved by
   exactly one of them (``ZREM`` decides), never duplicated. Priorities and
   ``global_keyprefix`` are honoured the way kombu's Redis transport does.
-- **RabbitMQ** (:class:`AmqpParking`): the broker is the mover. kombu's native
-  delayed delivery topology (28 delay queues with queue-level TTLs of 2^n s,
-  chained by dead-lettering through topic exchanges, the delay written in
-  binary in the routing key) declared as *classic* queues under our own name
-  prefix, plus one exact binding per target queue. No plugin, no mover.
+- **RabbitMQ** (:class:`AmqpParking`): kombu's native delayed delivery
+  topology (28 delay queues with queue-level TTLs of 2^n s, chained by
+  dead-lettering through topic exchanges, the delay written in binary in the
+  routing key) declared as *classic* queues under our own name prefix. Due
+  messages land in one unbounded "due" queue, and workers move them to their
+  queues with publisher confirms: RabbitMQ drops a dead-lettered message that a
+  full queue (``x-max-length`` + ``reject-publish``) refuses, a mover retries
+  it. No plugin.
 - Delivery: parking happens before the ack, so a crash between the two gives a
   duplicate (at-least-once), never a loss.
 
-Status: the building block for bounded prefetch (issue 3) and retry backoff;
-the worker does not park on its own yet. The local lane parks on its own heap.
+Users: the worker's bounded prefetch (:mod:`celery_ext.backpressure`), which also
+runs the movers, producers with ``park_on_publish`` and retry waits. The local
+lane parks on its own heap.
 
 Example::
 
@@ -42,6 +46,7 @@ from datetime import datetime
 from typing import Any
 
 import amqp
+from amqp.exceptions import MessageNacked
 from celery.utils.time import maybe_make_aware
 from kombu.transport import native_delayed_delivery as _native
 from kombu.utils.json import dumps
@@ -279,9 +284,13 @@ class AmqpParking:
     keeps messages for ``x-message-ttl`` = 2^n s, then dead-letters them to level
     n-1's topic exchange, the last to ``{prefix}_celery_delayed_delivery``. A
     message is published to level 27 with the routing key ``<delay in 28 binary
-    digits>.<queue>``, so it waits only in the levels whose bit is set; ``park``
-    binds ``queue`` to the delivery exchange with ``*.*. ... *.<queue>`` (28 ``*``),
-    so it arrives there, and only there, after its delay.
+    digits>.<queue>``, so it waits only in the levels whose bit is set. The
+    delivery exchange routes everything to the due queue ``{prefix}_celery_due``
+    (durable, unbounded), and :meth:`move_due` (every worker runs it every
+    ``park_interval``) publishes each due message to ``<queue>`` with a publisher
+    confirm before it acks it. A queue at its ``x-max-length`` with
+    ``reject-publish`` refuses it (RabbitMQ would have dropped a dead-lettered
+    message there silently): it is parked again for a second, never lost.
 
     - **No head-of-line blocking**: every message in a level queue has the same
       TTL, so they expire in order; a long delay never holds up a shorter one.
@@ -296,30 +305,30 @@ class AmqpParking:
       a dead-letter cycle). ``park`` also drops the ``expiration`` property (a
       per-queue TTL; RabbitMQ would drop it at the first hop, after it had cut
       the delay short); Celery's ``expires`` header still applies.
-      ``delivery_info`` names the delivery exchange and the delayed routing key,
-      which route back to ``queue`` (a Celery retry from it lands there too).
+      A moved message arrives with ``delivery_info`` exchange ``""`` and routing
+      key ``queue``, as if published there (queue bounds do not apply to it).
     - **Precision**: delays are rounded *up* to whole seconds (the message is
-      never early); the hops add a few ms: measured 4-10 ms after the due time
-      ``park`` returns (65 messages, 0.1-15 s, local broker), so 0-1 s after the
-      time requested.
+      never early), then wait up to one mover interval in the due queue: 0-1 s
+      after the time requested, plus ``park_interval``.
+    - **Needs a mover**: due messages wait in the due queue until a worker with
+      celery_ext (any of them, of any app with this ``prefix``) moves them.
     - **Max delay**: :data:`AMQP_MAX_DELAY_S` = 2^28 - 1 s (~8.5 years);
       queue names up to 199 bytes (the routing key adds 56).
-    - **Target queue deleted**: its binding goes with it; messages falling due
-      are then unroutable and RabbitMQ drops them silently. A recreated queue is
-      bound again by the next ``park`` for it, not before.
+    - **Target queue deleted**: messages falling due for it are unroutable and
+      RabbitMQ drops them silently.
     - **Durability**: the delay queues are durable and each message keeps its
       delivery mode, so persistent messages survive a broker restart. Classic
       queues dead-letter at most once: a broker crash mid-hop can lose one.
       With ``confirm_publish`` on the connection, ``park`` returns only once the
       broker holds the message, so parking before the ack never loses it.
-    - **Mover and counts**: the broker moves messages, so :meth:`move_due` does
-      nothing; :meth:`parked` is approximate (see there).
+    - **Counts**: :meth:`parked` is approximate (see there).
 
     Example::
 
         parking = AmqpParking(conn.default_channel)
         parking.park("celery", message, delay_s=3600)   # then message.ack()
         parking.parked("celery")     # 1
+        parking.move_due()           # an hour later (a worker does it)
     """
 
     def __init__(self, channel: Any, prefix: str = "celery_ext") -> None:
@@ -332,17 +341,20 @@ class AmqpParking:
         #: The 28 delay queues, shortest TTL first (each has an exchange of the same name).
         self.delay_queues: list[str] = [_native.level_name(n, prefix) for n in range(_BITS)]
         self.delivery_exchange = f"{prefix}_{_native.CELERY_DELAYED_DELIVERY_EXCHANGE}"
+        self.due_queue = f"{prefix}_celery_due"
         self._declared = False
-        self._bound: set[str] = set()
 
     def _declare(self) -> None:
         if not self._declared:
             _native.declare_native_delayed_delivery_exchanges_and_queues(
                 _OneChannel(self.channel), "classic", self.prefix
             )
+            channel = self.channel
+            channel.queue_declare(self.due_queue, durable=True, auto_delete=False)
+            channel.queue_bind(self.due_queue, self.delivery_exchange, "#")
             self._declared = True
 
-    def park(self, queue: str, message: Any, delay_s: float) -> float:
+    def park(self, queue: str, message: Any, delay_s: float, confirm: bool = False) -> float:
         """Park ``message`` for ``queue``; return its due time (epoch s, whole seconds away).
 
         ``message`` is a kombu or py-amqp message (or ``{"body", "properties",
@@ -359,39 +371,68 @@ class AmqpParking:
             raise ValueError(f"delay_s={delay_s} is over the maximum of {AMQP_MAX_DELAY_S} s")
         routing_key, _ = _keys(queue, delay)
         body, properties = _unpack(message)
-        self.bind(queue)
+        self._declare()
         due = time.time() + delay
         # Enter at the highest set bit, not at level 27 as kombu does: the levels
         # above it would only pass the message on, and every hop costs the broker.
         entry = self.delay_queues[max(0, delay.bit_length() - 1)]
-        self.channel.basic_publish(amqp.Message(body, **properties), entry, routing_key)
+        self._publish(amqp.Message(body, **properties), entry, routing_key, confirm)
         return due
 
-    def bind(self, queue: str, again: bool = False) -> None:
-        """Declare the delay topology and bind ``queue`` to it (once, or ``again``).
+    def _publish(self, message: Any, exchange: str, routing_key: str, confirm: bool) -> None:
+        if confirm:  # py-amqp's own: raises MessageNacked, no queue bound applies
+            amqp.Channel.basic_publish_confirm(self.channel, message, exchange, routing_key)
+        else:
+            self.channel.basic_publish(message, exchange, routing_key)
 
-        A worker binds its queues up front, outside its message callbacks: a
-        synchronous AMQP call from inside a callback can deliver the next message
-        re-entrantly. Bind ``again`` after deleting and recreating ``queue``.
+    def bind(self, queue: str, again: bool = False) -> None:
+        """Declare the delay topology (the due queue included), once.
+
+        A worker declares it up front, outside its message callbacks: a
+        synchronous AMQP call from inside a callback can deliver the next
+        message re-entrantly. (Queues need no binding of their own: the mover
+        publishes to them by name.)
 
         Example::
 
             parking.bind("celery")
         """
-        if queue in self._bound and not again:
-            return
+        _keys(queue, 0)  # the same check as park's
+        if again:
+            self._declared = False
         self._declare()
-        self.channel.queue_bind(queue, self.delivery_exchange, _keys(queue, 0)[1])
-        self._bound.add(queue)
 
     def move_due(self, limit: int = 1000) -> int:
-        """Nothing to do: RabbitMQ moves due messages itself. Returns 0.
+        """Publish due messages to their queues (confirmed), then ack them; how many moved.
+
+        A queue that refuses one (full, with ``reject-publish``) gets it back a
+        second later: it is parked again, then acked. Run it on a channel of its
+        own (it waits for confirms); any number of movers may run at once, each
+        message is taken by one. A message is acked only once it is queued or
+        parked again: a crash in between gives a duplicate, never a loss.
 
         Example::
 
-            parking.move_due()   # 0
+            parking.move_due()   # 3
         """
-        return 0
+        self._declare()
+        channel = self.channel
+        moved = 0
+        while moved < limit:
+            message = channel.basic_get(self.due_queue, no_ack=False)
+            if message is None:
+                break
+            routing_key = message.delivery_info.get("routing_key")
+            queue = parked_queue(routing_key)
+            if queue is not None:
+                body, properties = _unpack(message)
+                try:
+                    self._publish(amqp.Message(body, **properties), "", queue, confirm=True)
+                except MessageNacked:  # the queue is full: try again in a second
+                    self.park(queue, message, 1.0, confirm=True)
+            channel.basic_ack(message.delivery_tag)
+            moved += 1
+        return moved
 
     def parked(self, queue: str) -> int:
         """Messages waiting in this prefix's delay queues (passive declares).
@@ -421,5 +462,6 @@ class AmqpParking:
         for name in self.delay_queues:
             self.channel.queue_delete(name)
             self.channel.exchange_delete(name)
+        self.channel.queue_delete(self.due_queue)
         self.channel.exchange_delete(self.delivery_exchange)
         self._declared = False

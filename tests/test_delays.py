@@ -196,12 +196,17 @@ def sample(channel: Any, queue: str) -> amqp.Message:
     return got[-1]
 
 
-def arrival(channel: Any, queue: str, timeout: float) -> tuple[amqp.Message | None, float]:
-    """The next message on ``queue`` and when it came, or (None, now) after ``timeout``."""
+def arrival(
+    channel: Any, queue: str, timeout: float, mover: AmqpParking | None = None
+) -> tuple[amqp.Message | None, float]:
+    """The next message on ``queue`` and when it came, or (None, now) after ``timeout``;
+    ``mover`` moves due messages meanwhile, as a worker does every ``park_interval``."""
     deadline = time.monotonic() + timeout
     while (message := channel.basic_get(queue, no_ack=True)) is None:
         if time.monotonic() > deadline:
             break
+        if mover is not None:
+            mover.move_due()
         time.sleep(0.005)
     return message, time.time()
 
@@ -242,17 +247,17 @@ def test_amqp_due_message_returns_once_unchanged_and_on_time(
     channel = rabbit.channel
     original = sample(channel, unique_queue)
     due = rabbit.park(unique_queue, original, delay_s=1)
-    back, at = arrival(channel, unique_queue, timeout=5)
+    assert arrival(channel, unique_queue, timeout=2)[0] is None  # no mover, no message
+    back, at = arrival(channel, unique_queue, timeout=5, mover=rabbit)
     assert back is not None
-    assert due - 0.05 <= at <= due + 1.0, at - due
+    assert due - 0.05 <= at <= due + 3.0, at - due
     assert back.body == original.body
     props = {k: v for k, v in back.properties.items() if k != "application_headers"}
     assert props == {k: v for k, v in original.properties.items() if k != "application_headers"}
-    assert "x-death" in back.headers  # RabbitMQ's own bookkeeping, the one addition
-    assert without_dead_letter_headers(back.headers) == original.headers
-    assert back.delivery_info["routing_key"].endswith(unique_queue)
+    assert back.headers == original.headers  # RabbitMQ's x-death bookkeeping stays behind
+    assert (back.delivery_info["exchange"], back.delivery_info["routing_key"]) == ("", unique_queue)
     assert rabbit.parked(unique_queue) == 0
-    assert arrival(channel, unique_queue, timeout=0.3)[0] is None  # exactly one delivery
+    assert arrival(channel, unique_queue, timeout=0.3, mover=rabbit)[0] is None  # exactly once
 
 
 def test_amqp_short_delay_is_not_blocked_behind_a_long_one(
@@ -263,9 +268,9 @@ def test_amqp_short_delay_is_not_blocked_behind_a_long_one(
     rabbit.park(unique_queue, {"body": b"longer", "properties": {}}, delay_s=300)
     rabbit.park(unique_queue, {"body": b"now", "properties": {}}, delay_s=0)
     due = rabbit.park(unique_queue, {"body": b"short", "properties": {}}, delay_s=1)
-    now, _ = arrival(channel, unique_queue, timeout=1)
+    now, _ = arrival(channel, unique_queue, timeout=1, mover=rabbit)
     assert now is not None and now.body in (b"now", "now")
-    back, at = arrival(channel, unique_queue, timeout=5)
+    back, at = arrival(channel, unique_queue, timeout=5, mover=rabbit)
     assert back is not None and back.body in (b"short", "short")
     assert at <= due + 1.0
     assert rabbit.parked(unique_queue) == 2
@@ -275,13 +280,39 @@ def test_amqp_returned_message_can_be_parked_again(rabbit: AmqpParking, unique_q
     channel = rabbit.channel
     original = sample(channel, unique_queue)
     rabbit.park(unique_queue, original, delay_s=1)
-    first, _ = arrival(channel, unique_queue, timeout=5)
-    assert first is not None and "x-death" in first.headers
-    # With its x-death headers kept, RabbitMQ would drop it as a dead-letter cycle.
+    first, _ = arrival(channel, unique_queue, timeout=5, mover=rabbit)
+    assert first is not None
     rabbit.park(unique_queue, channel.message_to_python(first), delay_s=1)
-    second, _ = arrival(channel, unique_queue, timeout=5)
+    second, _ = arrival(channel, unique_queue, timeout=5, mover=rabbit)
     assert second is not None
     assert without_dead_letter_headers(second.headers) == original.headers
+
+
+def test_amqp_a_due_message_for_a_full_bounded_queue_waits_instead_of_vanishing(
+    amqp_url: str, unique_queue: str
+) -> None:
+    # RabbitMQ drops a dead-lettered message that a queue at its x-max-length with
+    # reject-publish refuses: a parked retry or countdown of a bounded queue kept
+    # full by blocking producers vanished. The mover waits for room instead.
+    with Connection(amqp_url) as connection:
+        channel = connection.default_channel
+        bounded = {"x-max-length": 1, "x-overflow": "reject-publish"}
+        channel.queue_declare(unique_queue, durable=True, auto_delete=False, arguments=bounded)
+        mover = AmqpParking(connection.channel(), prefix=unique_queue)
+        try:
+            channel.basic_publish(amqp.Message(b"filler"), "", unique_queue)
+            mover.park(unique_queue, {"body": b"parked", "properties": {}}, delay_s=1)
+            time.sleep(1.5)  # due: now refused by the full queue, again and again
+            for _ in range(20):
+                mover.move_due()
+                time.sleep(0.1)
+            filler = channel.basic_get(unique_queue, no_ack=True)
+            assert filler is not None and filler.body in (b"filler", "filler")
+            back, _ = arrival(channel, unique_queue, timeout=5, mover=mover)
+            assert back is not None and back.body in (b"parked", "parked")
+        finally:
+            mover.delete()
+            channel.queue_delete(unique_queue)
 
 
 def test_amqp_parked_task_runs_once_on_a_real_worker(amqp_url: str, unique_queue: str) -> None:
@@ -293,7 +324,7 @@ def test_amqp_parked_task_runs_once_on_a_real_worker(amqp_url: str, unique_queue
         worker_hijack_root_logger=False,
         broker_heartbeat=0,  # else the embedded worker takes ~10 s to stop
     )
-    celery_ext.install(app)
+    celery_ext.install(app, park_prefix=unique_queue)  # its workers move what is due there
     runs: list[str] = []
 
     @app.task(shared=False, bind=True, name="park.record")
