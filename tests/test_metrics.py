@@ -179,35 +179,35 @@ def test_soft_timeouts_and_dead_letters_are_sent_as_events(app: Celery, unique_q
 def test_a_drain_is_sent_as_worker_events(redis_url: str, unique_queue: str) -> None:
     run = Run(redis_url, redis_url, unique_queue)
     seen: list[dict[str, Any]] = []
-    done = threading.Event()
+    receivers: list[Any] = []
 
     def listen() -> None:
+        # One subscription for the whole test: events are pub/sub on Redis, and a
+        # receiver re-subscribing between timeouts misses what is sent in the gap.
         with run.app.connection_for_read() as conn:
             receiver = run.app.events.Receiver(conn, handlers={"*": seen.append})
-            while not done.is_set():
-                try:
-                    for _ in receiver.itercapture(limit=None, timeout=0.5, wakeup=False):
-                        if done.is_set():
-                            return
-                except TimeoutError:
-                    continue
+            receivers.append(receiver)
+            for _ in receiver.consume(limit=None, timeout=None, safety_interval=0.2):
+                pass
+
+    def of(kind: str) -> list[dict[str, Any]]:
+        return [e for e in list(seen) if e["type"] == kind and e.get("hostname") == run.hostname]
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     try:
         run.start("-E", "--drain-timeout", "20")
+        # Subscribed before the drain: the worker's own heartbeat (every 2 s with -E) got in.
+        wait_for(lambda: of("worker-heartbeat") or of("worker-online"), timeout=20)
         run.send(0, 1.0)
         wait_for(lambda: run.started() == {0})
         assert run.proc is not None
         run.proc.send_signal(signal.SIGTERM)
         assert run.proc.wait(30) == 0
-
-        def of(kind: str) -> list[dict[str, Any]]:
-            return [e for e in seen if e["type"] == kind and e.get("hostname") == run.hostname]
-
         wait_for(lambda: of("worker-celery_ext-drain-finished"), timeout=10)
     finally:
-        done.set()
+        for receiver in receivers:
+            receiver.should_stop = True
         listener.join(5)
         run.cleanup()
     assert of("worker-celery_ext-drain-started")[0]["drain_timeout_s"] == 20

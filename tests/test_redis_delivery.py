@@ -78,6 +78,9 @@ def test_an_idle_consumer_wakes_for_each_queue_and_priority_and_takes_each_messa
     first, second = _queue(unique_queue), _queue(f"{unique_queue}.b")
     got: list[Any] = []
     with app.connection_for_read() as conn:
+        # The channel is made here, before the receiver thread uses it: two threads
+        # creating conn.default_channel at once can each get a channel of their own.
+        channel = conn.default_channel
         receiver = threading.Thread(target=lambda: got.extend(_receive(conn, [first, second], 4)))
         with app.connection_for_write() as pub:
             producer = Producer(pub.default_channel)
@@ -85,7 +88,7 @@ def test_an_idle_consumer_wakes_for_each_queue_and_priority_and_takes_each_messa
                 q(pub.default_channel).declare()
             receiver.start()
             # Publish once the consumer found nothing and blocks in its idle wait.
-            wait_for(lambda: conn.default_channel._celery_ext_waiting, timeout=10, every=0.005)
+            wait_for(lambda: channel._celery_ext_waiting, timeout=10, every=0.005)
             producer.publish({"n": 0}, exchange=first.exchange, routing_key=first.routing_key)
             producer.publish({"n": 1}, exchange=second.exchange, routing_key=second.routing_key)
             producer.publish(
