@@ -8,15 +8,22 @@ not done by the deadline counts as lost: stock Celery on Redis leaves a killed
 worker's messages unacked for ``visibility_timeout`` (1 h), and loses outright a
 message popped but not yet recorded when the worker dies.
 
+``--combined`` runs the every-feature-at-once app instead (``tests.apps.combined_app``:
+lossy follow-ups, parked retries and countdowns, time limits, a blocking queue bound,
+a short drain deadline) on each ``--pools`` pool, beside stock Celery running the
+same jobs with its nearest equivalents (autoretry, worker-held countdowns, no bound).
+
 Run::
 
     .venv/bin/python benchmarks/chaos_soak.py                      # 3 rounds, 10,000 tasks
     .venv/bin/python benchmarks/chaos_soak.py --rounds 1 --tasks 3000 --json out.json
+    .venv/bin/python benchmarks/chaos_soak.py --combined --tasks 2000 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -25,53 +32,100 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.chaos.harness import run_chaos  # noqa: E402
+from tests.chaos.harness import publish_combined, run_chaos  # noqa: E402
 
 
-def soak(brokers: list[str], rounds: int, tasks: int, deadline_s: float) -> list[dict[str, Any]]:
-    """One row per broker, side and round."""
+def soak(
+    brokers: list[str],
+    rounds: int,
+    tasks: int,
+    deadline_s: float,
+    combined: bool = False,
+    pools: tuple[str, ...] = ("threads",),
+) -> list[dict[str, Any]]:
+    """One row per broker, pool, side and round."""
     rows = []
     for n in range(rounds):
         for broker in brokers:
-            for side, stock in (("stock", True), ("celery_ext", False)):
-                result = run_chaos(
-                    broker, tasks=tasks, deadline_s=deadline_s, stock=stock, seed=n, log=False
-                )
-                print(f"{side:10} round {n + 1}: {result.line()}", flush=True)
-                rows.append(
-                    {
-                        "broker": broker,
-                        "side": side,
-                        "round": n + 1,
-                        "tasks": tasks,
-                        "lost": result.lost,
-                        "duplicates": result.duplicates,
-                        "sigterm": result.terms,
-                        "sigkill": result.kills,
-                        "broker_cuts": result.cuts,
-                        "seconds": round(result.seconds, 1),
-                        "longest_drain_s": round(result.longest_drain_s, 1),
-                        "exit_1": result.exit_codes.count(1),
-                    }
-                )
+            for pool in pools:
+                for side, stock in (("stock", True), ("celery_ext", False)):
+                    options: dict[str, Any] = {}
+                    if combined:
+                        options = dict(
+                            app="tests.apps.combined_app",
+                            publish=functools.partial(publish_combined, stock=stock, seed=n),
+                            lossy=pool != "prefork",
+                            faults=("term", "kill"),
+                            every_s=(0.7, 1.5),
+                            min_age_s=2.0,
+                            chaos_until=0.9,
+                        )
+                    result = run_chaos(
+                        broker,
+                        tasks=tasks,
+                        deadline_s=deadline_s,
+                        stock=stock,
+                        seed=n,
+                        log=False,
+                        pool=pool,
+                        concurrency=1 if pool == "solo" else 4,
+                        **options,
+                    )
+                    print(f"{side:10} round {n + 1}: {result.line()}", flush=True)
+                    rows.append(_row(broker, pool, side, n, tasks, result))
     return rows
 
 
+def _row(broker: str, pool: str, side: str, n: int, tasks: int, result: Any) -> dict[str, Any]:
+    return {
+        "broker": broker,
+        "pool": pool,
+        "side": side,
+        "round": n + 1,
+        "tasks": tasks,
+        "lost": result.lost,
+        "duplicates": result.duplicates,
+        "sigterm": result.terms,
+        "sigkill": result.kills,
+        "broker_cuts": result.cuts,
+        "seconds": round(result.seconds, 1),
+        "longest_drain_s": round(result.longest_drain_s, 1),
+        "exit_1": result.exit_codes.count(1),
+        "lossy_lost": result.lossy_killed + result.lossy_reported + result.lossy_unexplained,
+        "lossy_unexplained": result.lossy_unexplained,
+        "crashed": len(result.crashed),
+    }
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str, str]:
+    return row["broker"], row.get("pool", "threads"), row["side"]
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    """Totals per broker and side as a markdown table."""
+    """Totals per broker, pool and side as a markdown table."""
     lines = [
-        "| broker | side | rounds | tasks | lost | duplicates | SIGTERM | SIGKILL | cuts "
-        "| slowest round s | longest drain s | workers exited 1 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| broker | pool | side | rounds | tasks | lost | duplicates | lossy lost (unexplained) "
+        "| SIGTERM | SIGKILL | cuts | slowest round s | longest drain s | workers exited 1 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    keys = sorted({(r["broker"], r["side"]) for r in rows}, key=lambda k: (k[0], k[1] != "stock"))
-    for broker, side in keys:
-        mine = [r for r in rows if (r["broker"], r["side"]) == (broker, side)]
+    keys = sorted(
+        {_key(r) for r in rows},
+        key=lambda k: (k[0], k[1], k[2] != "stock"),
+    )
+    for broker, pool, side in keys:
+        mine = [
+            r
+            for r in rows
+            if (r["broker"], r.get("pool", "threads"), r["side"]) == (broker, pool, side)
+        ]
         fields = ("tasks", "lost", "duplicates", "sigterm", "sigkill", "broker_cuts")
         total = {k: sum(r[k] for r in mine) for k in fields}
+        lossy = sum(r.get("lossy_lost", 0) for r in mine)
+        unexplained = sum(r.get("lossy_unexplained", 0) for r in mine)
         lines.append(
-            f"| {broker} | {side} | {len(mine)} | {total['tasks']:,} | {total['lost']:,} | "
-            f"{total['duplicates']:,} | {total['sigterm']} | {total['sigkill']} | "
+            f"| {broker} | {pool} | {side} | {len(mine)} | {total['tasks']:,} | "
+            f"{total['lost']:,} | {total['duplicates']:,} | {lossy} ({unexplained}) | "
+            f"{total['sigterm']} | {total['sigkill']} | "
             f"{total['broker_cuts']} | {max(r['seconds'] for r in mine):.1f} | "
             f"{max(r.get('longest_drain_s', 0.0) for r in mine):.1f} | "
             f"{sum(r.get('exit_1', 0) for r in mine)} |"
@@ -86,8 +140,15 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--deadline", type=float, default=180.0, help="seconds per round")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--combined", action="store_true", help="every feature at once")
+    parser.add_argument(
+        "--pools", nargs="+", default=None, help="threads (default), or with --combined all four"
+    )
     args = parser.parse_args()
-    rows = soak(args.brokers, args.rounds, args.tasks, args.deadline)
+    pools = args.pools or (
+        ["threads", "solo", "prefork", "gevent"] if args.combined else ["threads"]
+    )
+    rows = soak(args.brokers, args.rounds, args.tasks, args.deadline, args.combined, tuple(pools))
     print()
     print(table(rows))
     if args.json:

@@ -279,7 +279,9 @@ def render_chaos_soak(docs: list[Any]) -> str:
         " `visibility_timeout` (1 h) and loses outright a message popped but not yet recorded."
         " duplicates: extra runs (at-least-once). slowest round: seconds until every task was"
         " done (or the deadline). longest drain: SIGTERM to exit. workers exited 1: died of"
-        " an error."
+        " an error, or (celery_ext) a drain its deadline cut short. lossy lost: `durable=False`"
+        " follow-ups that never ran (combined runs), all where a process was SIGKILLed or a"
+        " drained lane reported dropping them; unexplained: any other."
     )
 
 
@@ -354,6 +356,15 @@ BENCHES = [
         "chaos soak: SIGTERM, SIGKILL and a broker cut; lost and duplicated tasks",
         {"": ["--rounds", "2", "--tasks", "10000", "--deadline", "90"]},
         {"": []},
+        render_chaos_soak,
+        default=False,
+    ),
+    Bench(
+        "chaos_combined",
+        "chaos_soak.py",
+        "every feature at once under SIGTERM and SIGKILL, four pools, beside stock Celery",
+        {"": ["--combined", "--rounds", "1", "--tasks", "1000", "--deadline", "180"]},
+        {"": ["--combined"]},
         render_chaos_soak,
         default=False,
     ),

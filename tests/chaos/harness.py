@@ -32,10 +32,11 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 from celery import Celery
@@ -68,6 +69,16 @@ class ChaosResult:
     exit_codes: list[int] = field(default_factory=list)
     longest_drain_s: float = 0.0  # SIGTERM to exit, over the workers drained during the run
     broker_state: dict[str, int] = field(default_factory=dict)
+    pool: str = "threads"
+    #: Lossy follow-ups (combined runs): published, done, lost where a process died
+    #: (SIGKILL), dropped and reported by a drained worker's lane, and lost otherwise.
+    lossy_published: int = 0
+    lossy_done: int = 0
+    lossy_killed: int = 0
+    lossy_reported: int = 0
+    lossy_unexplained: int = 0
+    crashed: list[str] = field(default_factory=list)  # worker logs with "Unrecoverable error"
+    longest_drain_log: str = ""
 
     @property
     def lost(self) -> int:
@@ -78,11 +89,18 @@ class ChaosResult:
         return self.runs - self.done
 
     def line(self) -> str:
+        lossy = (
+            f" lossy={self.lossy_done}/{self.lossy_published} lossy_lost_killed="
+            f"{self.lossy_killed} lossy_dropped_reported={self.lossy_reported} "
+            f"lossy_unexplained={self.lossy_unexplained}"
+            if self.lossy_published
+            else ""
+        )
         return (
             f"lost={self.lost} duplicates={self.duplicates} broker={self.broker} "
-            f"tasks={self.tasks} sigterm={self.terms} sigkill={self.kills} "
+            f"pool={self.pool} tasks={self.tasks} sigterm={self.terms} sigkill={self.kills} "
             f"broker_cuts={self.cuts} seconds={self.seconds:.1f} "
-            f"longest_drain_s={self.longest_drain_s:.1f}"
+            f"longest_drain_s={self.longest_drain_s:.1f}{lossy}"
             + "".join(f" {k}={v}" for k, v in self.broker_state.items())
         )
 
@@ -227,9 +245,19 @@ class OwnRedis:
 class Workers:
     """``celery worker`` subprocesses of ``tests.apps.chaos_app``, replaced as they die."""
 
-    def __init__(self, env: dict[str, str], queue: str, logdir: Path, pool: str, concurrency: int):
+    def __init__(
+        self,
+        env: dict[str, str],
+        queue: str,
+        logdir: Path,
+        pool: str,
+        concurrency: int,
+        app: str = "tests.apps.chaos_app",
+    ):
         self.env, self.queue, self.logdir = env, queue, logdir
-        self.pool, self.concurrency = pool, concurrency
+        self.pool, self.concurrency, self.app = pool, concurrency, app
+        self.killed: set[int] = set()  # pids sent SIGKILL
+        self.logs: dict[int, Path] = {}  # pid -> its log file
         self.procs: list[subprocess.Popen[bytes]] = []
         self.born: dict[int, float] = {}
         # A second SIGTERM is Celery's cold shutdown (exit status 1), so a worker
@@ -241,15 +269,17 @@ class Workers:
     def start(self) -> subprocess.Popen[bytes]:
         self._started += 1
         n = self._started
-        log = open(self.logdir / f"worker{n}.log", "wb")  # noqa: SIM115 (kept by the process)
+        path = self.logdir / f"worker{n}.log"
+        log = open(path, "wb")  # noqa: SIM115 (kept by the process)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.apps.chaos_app", "worker",
+            [sys.executable, "-m", "celery", "-A", self.app, "worker",
              "-P", self.pool, "-c", str(self.concurrency), "-Q", self.queue,
              "-n", f"chaos{n}.{self.queue}@%h", "-l", "WARNING",
              "--without-gossip", "--without-mingle", "--without-heartbeat"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.procs.append(proc)
+        self.logs[proc.pid] = path
         self.born[proc.pid] = time.monotonic()
         return proc
 
@@ -264,6 +294,26 @@ class Workers:
     def term(self, proc: subprocess.Popen[bytes]) -> None:
         self.termed[proc.pid] = time.monotonic()
         proc.send_signal(signal.SIGTERM)
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        self.killed.add(proc.pid)
+        proc.kill()
+
+    def failed_on_their_own(self) -> list[str]:
+        """Workers that exited with an error without being sent a signal."""
+        return [
+            f"pid {p.pid} exited {p.returncode}"
+            for p in self.procs
+            if p.poll() not in (None, 0) and p.pid not in self.termed and p.pid not in self.killed
+        ]
+
+    def crashed(self) -> list[str]:
+        """Logs of workers that died of an error ("Unrecoverable error")."""
+        return [
+            log.name
+            for log in sorted(self.logdir.glob("worker*.log"))
+            if b"Unrecoverable error" in log.read_bytes()
+        ]
 
     def note_exits(self) -> None:
         """Record how long each drained worker took to exit (to within one poll)."""
@@ -305,6 +355,45 @@ def _publish(url: str, queue: str, tasks: int) -> None:
     app.close()
 
 
+#: The kinds of combined tasks, by ``n % 20`` (see tests.apps.combined_app).
+_KINDS = ["plain"] * 10 + ["flaky"] * 2 + ["slow"] * 2 + ["soft"] * 2 + ["hard"]
+_KINDS += ["countdown"] * 2 + ["padded"]
+
+
+def publish_combined(
+    url: str, queue: str, tasks: int, seed: int | None = None, stock: bool = False
+) -> None:
+    """Publish the combined run's tasks through celery_ext with the app's queue bound
+    and ``block``: the producer waits while the queue is full (the workers, under
+    chaos, drain it), far countdowns are parked by the producer. ``stock``: a plain
+    Celery producer (no bound, countdowns queued for the worker to hold)."""
+    import celery_ext
+
+    rng = random.Random(seed)
+    app = Celery("combined_producer", broker=url, set_as_current=False)
+    app.conf.update(task_default_queue=queue, task_ignore_result=True)
+    if not stock:
+        celery_ext.install(
+            app,
+            queue_limits={queue: 300},
+            queue_full_policy="block",
+            queue_block_timeout=120.0,
+            eta_horizon=2.0,
+        )
+    for n in range(tasks):
+        kind = _KINDS[n % len(_KINDS)]
+        options: dict[str, Any] = {}
+        if kind == "soft":
+            options.update(soft_time_limit=0.2, time_limit=10)
+        elif kind == "hard":
+            options.update(time_limit=1.0)
+        elif kind == "countdown":
+            options.update(countdown=rng.uniform(3.0, 5.0))  # parked: beyond the horizon
+        pad = "x" * 6000 if kind == "padded" else ""
+        app.send_task("combo.work", args=[n, kind, pad], **options)
+    app.close()
+
+
 def _cleanup_amqp(queue: str) -> None:
     from kombu import Connection
 
@@ -330,6 +419,9 @@ def run_chaos(
     min_faults: int = 3,
     stock: bool = False,
     log: bool = True,
+    app: str = "tests.apps.chaos_app",
+    publish: Callable[[str, str, int], None] | None = None,
+    lossy: bool = False,
 ) -> ChaosResult:
     """Run one chaos round on ``kind`` ("redis" or "amqp"); see the module docstring.
 
@@ -337,11 +429,16 @@ def run_chaos(
     least ``min_age_s`` old; faults stop once ``chaos_until`` of the tasks are
     done and at least ``min_faults`` workers were hit, or after ``chaos_s``;
     the run then waits up to ``deadline_s`` (from the start) for the rest.
+
+    ``app`` is the worker app module; ``publish(url, queue, tasks)`` runs in a
+    thread beside the workers when given (a bounded producer that blocks), else
+    every task is queued first. ``lossy``: also account for the app's lossy
+    follow-ups (see :mod:`tests.apps.combined_app`).
     """
     rng = random.Random(seed)
     queue = f"celery_ext.chaos.{uuid.uuid4().hex[:8]}"
     ledger = redis.Redis.from_url(LEDGER_URL)
-    result = ChaosResult(kind, tasks)
+    result = ChaosResult(kind, tasks, pool=pool)
     logdir = Path(tempfile.mkdtemp(prefix="celery_ext_chaos_"))
     say = print if log else (lambda *a, **k: None)
     started = time.monotonic()
@@ -354,9 +451,17 @@ def run_chaos(
                 "CELERY_EXT_CHAOS_LEDGER": LEDGER_URL,
                 "PYTHONPATH": str(ROOT),
                 "CELERY_EXT_CHAOS_STOCK": "1" if stock else "0",
+                "CELERY_EXT_CHAOS_LOSSY": "1" if lossy else "0",
             }
-            _publish(url, queue, tasks)  # all queued first: the faults hit a busy run
-            pool_ = Workers(env, queue, logdir, pool, concurrency)
+            publisher: threading.Thread | None = None
+            if publish is None:
+                _publish(url, queue, tasks)  # all queued first: the faults hit a busy run
+            else:
+                publisher = threading.Thread(
+                    target=publish, args=(url, queue, tasks), daemon=True, name="chaos-publish"
+                )
+                publisher.start()
+            pool_ = Workers(env, queue, logdir, pool, concurrency, app)
             for _ in range(workers):
                 pool_.start()
 
@@ -387,10 +492,16 @@ def run_chaos(
                                 result.terms += 1
                                 say(f"chaos: SIGTERM pid {victim.pid} at {n}/{tasks}")
                             else:
-                                victim.kill()
+                                pool_.kill(victim)
                                 result.kills += 1
                                 say(f"chaos: SIGKILL pid {victim.pid} at {n}/{tasks}")
                     next_fault = now + rng.uniform(*every_s)
+                # A worker that exits on its own with an error (say, refused to start)
+                # would be replaced forever: stop the run and report it.
+                failed = pool_.failed_on_their_own()
+                if failed:
+                    result.crashed.extend(failed)
+                    break
                 # Keep `workers` alive: a drained or killed worker is replaced at once.
                 while len(pool_.live()) < workers:
                     pool_.start()
@@ -398,9 +509,20 @@ def run_chaos(
                 time.sleep(0.05)
             result.seconds = time.monotonic() - started
             result.longest_drain_s = max(pool_.drains.values(), default=0.0)
+            if pool_.drains:
+                slowest = max(pool_.drains, key=pool_.drains.__getitem__)
+                result.longest_drain_log = pool_.logs[slowest].name
             result.exit_codes = pool_.stop_all()
+            result.crashed = pool_.crashed()
+            if publisher is not None:
+                publisher.join(timeout=5)
             result.done = done()
-            result.runs = sum(int(v) for v in ledger.hvals(f"{queue}.runs"))
+            if lossy:
+                completions = ledger.hvals(f"{queue}.completions")
+                result.runs = sum(int(v) for v in completions)
+                _account_lossy(ledger, queue, pool_.killed, result)
+            else:
+                result.runs = sum(int(v) for v in ledger.hvals(f"{queue}.runs"))
             if result.lost and isinstance(fault, OwnRedis):
                 client = redis.Redis(port=fault.port)
                 result.broker_state = {
@@ -408,7 +530,8 @@ def run_chaos(
                     "unacked": int(client.hlen("unacked")),
                 }
     finally:
-        ledger.delete(f"{queue}.done", f"{queue}.runs")
+        for key in ledger.scan_iter(f"{queue}.*"):
+            ledger.delete(key)
         if kind == "amqp":
             with suppress(Exception):
                 _cleanup_amqp(queue)
@@ -417,3 +540,22 @@ def run_chaos(
         else:
             shutil.rmtree(logdir, ignore_errors=True)
     return result
+
+
+def _account_lossy(ledger: redis.Redis, queue: str, killed: set[int], result: ChaosResult) -> None:
+    """Explain every lossy follow-up that never ran: its process was SIGKILLed, or its
+    worker's lane dropped it at a drain and reported it; anything else is unexplained."""
+    ids = {k.decode(): int(v) for k, v in ledger.hgetall(f"{queue}.lossy_ids").items()}
+    pids = {k.decode(): int(v) for k, v in ledger.hgetall(f"{queue}.lossy_pids").items()}
+    done = {int(n) for n in ledger.smembers(f"{queue}.lossy_done")}
+    reported = {x.decode() for x in ledger.smembers(f"{queue}.lossy_dropped_ids")}
+    published = set(ids.values())
+    result.lossy_published, result.lossy_done = len(published), len(published & done)
+    for n in published - done:
+        mine = [i for i, m in ids.items() if m == n]
+        if all(i in reported for i in mine):
+            result.lossy_reported += 1
+        elif all(i in reported or pids.get(i) in killed for i in mine):
+            result.lossy_killed += 1
+        else:
+            result.lossy_unexplained += 1
