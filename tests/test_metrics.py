@@ -70,6 +70,7 @@ def test_the_section_counts_outcomes_and_shows_limits_and_drain_state(app: Celer
         "dead_lettered": 0,
         "soft_timeouts": 1,
         "hard_timeouts": 0,
+        "handed_back": 0,
     }
     assert found["prefetch_limit"] == 40 and found["held"] == 0 and found["active"] == 0
     assert found["drain"]["state"] == "running" and found["drain"]["drain_timeout_s"] > 0
