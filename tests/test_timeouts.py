@@ -20,6 +20,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 import celery_ext
 from celery_ext import ConfigurationError, TaskTimeout
 from tests.apps.timeout_app import define_tasks
+from tests.conftest import RUN_ID
 from tests.helpers import broker_url, embedded_worker, inspect_stats, new_app, wait_for
 
 # Generous for 2 noisy cores; the precision figures come from benchmarks/timeouts.py.
@@ -258,11 +259,11 @@ def celery_worker_process(
             conn.default_channel.client.delete(unique_queue)
 
 
-@pytest.fixture(params=["prefork", "gevent"])
-def process_worker(
-    request: pytest.FixtureRequest, redis_url: str, unique_queue: str
-) -> Iterator[tuple[Any, str]]:
-    with celery_worker_process(redis_url, unique_queue, "-P", request.param) as worker:
+@pytest.fixture(scope="module", params=["prefork", "gevent"])
+def process_worker(request: pytest.FixtureRequest, redis_url: str) -> Iterator[tuple[Any, str]]:
+    """One worker per pool for the tests below (each leaves it serving)."""
+    queue = f"celery_ext.test.{RUN_ID}.{uuid.uuid4().hex[:8]}"
+    with celery_worker_process(redis_url, queue, "-P", request.param) as worker:
         yield worker
 
 
