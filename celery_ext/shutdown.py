@@ -25,9 +25,10 @@ thread, not in the OS signal handler:
    one line.
 
 Pools: threads and solo raise the interrupt in the task's thread; prefork sets
-a flag shared with its children (:func:`celery_ext.timeouts.drain_flag`) and
+a flag shared with its children (:class:`celery_ext.timeouts.SharedState`) and
 sends ``SIGUSR1``, which the child's soft-limit handler turns into
-``DrainInterrupted``, then kills the children still running after the grace;
+``DrainInterrupted``, then kills the children still in a task's code after the
+grace (a child whose task ended has its result on the way: it is left alone);
 gevent throws it into the greenlets; an ``async def`` task is cancelled.
 On prefork, step 2 requeues the prefetched tasks no child has been given and
 :data:`~celery_ext.signals.drain_finished` fires once the pool has stopped; on
@@ -59,7 +60,7 @@ from ._settings import settings_of
 from .errors import DrainInterrupted, HandedBack
 from .metrics import counters_of, send_worker_event
 from .signals import drain_finished, drain_started
-from .timeouts import GeventTimeoutPool, TimeoutPool, drain_flag
+from .timeouts import GeventTimeoutPool, TimeoutPool, shared_state
 
 __all__ = ["Drain", "apply_task_options", "interrupted_by_drain"]
 
@@ -433,7 +434,8 @@ class _PreforkDeadline:
     def _watch(self) -> None:
         if self.stopped.wait(max(0.0, self.deadline - time.monotonic())) or not self._running():
             return
-        drain_flag(self.worker.app).set()  # the children's SIGUSR1 handler reads it
+        state = shared_state(self.worker.app)
+        state.set_draining()  # the children's SIGUSR1 handler reads it
         for request in self._running():
             self.interrupted += 1
             self._signal(request, getattr(signal, "SIGUSR1", signal.SIGTERM))
@@ -442,7 +444,13 @@ class _PreforkDeadline:
         jobs = {
             getattr(job, "correlation_id", None): job for job in list(self.asyn._cache.values())
         }
+        index = {proc.pid: proc.index for proc in list(self.asyn._pool)}
         for request in self._running():
+            # The consumer no longer reads results during a drain (the pool's join
+            # does, later): a child that left the task's code has handed it back or
+            # finished, and its result is on the way. Saving it too would run it twice.
+            if not state.running(index.get(request.worker_pid, -1)):
+                continue
             self.abandoned += 1
             job = jobs.get(request.id)
             if job is not None:  # it runs again elsewhere: no WorkerLostError failure for it

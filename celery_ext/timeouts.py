@@ -232,12 +232,15 @@ _BODY = "__celery_ext_body__"
 
 
 def _mark_body(cls: Any) -> None:
-    """Wrap ``cls.run`` so its thread knows when the task's own code runs.
+    """Wrap ``cls.run`` so the worker knows when the task's own code runs.
 
     prefork's soft-limit signal can come after the body returned (billiard
     sometimes sends it twice, or as the task ends): raised in Celery's tracer or
     billiard's loop it failed a finished task or killed the child. The handler
-    raises only inside the body, and once per run for each cause.
+    raises only inside the body, and once per run for each cause. A prefork
+    child also marks its slot in the worker's :class:`SharedState`, so a drain
+    deadline tells a child still running a task from one whose result is on its
+    way (see :mod:`celery_ext.shutdown`).
     """
     raw: Any = next((k.__dict__["run"] for k in cls.__mro__ if "run" in k.__dict__), None)
     static = isinstance(raw, staticmethod)
@@ -249,13 +252,18 @@ def _mark_body(cls: Any) -> None:
     def run(*args: Any, **kwargs: Any) -> Any:
         thread: Any = threading.current_thread()
         outer = getattr(thread, "celery_ext_in_body", False)  # a task called inside one
+        slot = None if outer else _slot_of(thread)
         if not outer:
             thread.celery_ext_soft_fired = thread.celery_ext_drain_fired = False
+            if slot is not None:
+                slot.enter()
         thread.celery_ext_in_body = True
         try:
             return fun(*args, **kwargs)
         finally:
             thread.celery_ext_in_body = outer
+            if slot is not None:
+                slot.leave()
 
     setattr(run, _BODY, True)
     cls.run = staticmethod(run) if static else run
@@ -276,7 +284,8 @@ def _raise_task_timeout(signum: int, frame: Any) -> None:
     thread: Any = threading.main_thread()
     if not getattr(thread, "celery_ext_in_body", True):
         return  # the task's code is done: a late signal must not fail it or the child
-    draining = _drain_flag_set()
+    state = _state_of_running_task()
+    draining = state is not None and state.draining()
     fired = "celery_ext_drain_fired" if draining else "celery_ext_soft_fired"
     if getattr(thread, fired, False):
         return  # once per run and cause (billiard can send a soft limit twice)
@@ -289,51 +298,90 @@ def _raise_task_timeout(signum: int, frame: Any) -> None:
         thread.celery_ext_soft_cancel()
 
 
-# -- the drain flag (prefork) ------------------------------------------------------------
-_DRAIN_FLAG = "_celery_ext_drain_flag"
+# -- state shared with prefork children -------------------------------------------------
+_STATE = "_celery_ext_shared_state"
+#: Child slots (billiard's process index); a larger index is not tracked.
+_SLOTS = 4095
 
 
-class SharedFlag:
-    """One byte of anonymous shared memory: set in a worker, read by its prefork children.
+class SharedState:
+    """A page of anonymous shared memory a worker shares with its prefork children.
 
     Made before the pool forks (children forked later, as replacements, share it
-    too). The drain sets it before signalling children at its deadline, so a
-    child tells a drain interrupt from its own soft time limit.
+    too). Byte 0: the drain flag, set before the drain signals children at its
+    deadline, so a child tells a drain interrupt from its own soft time limit.
+    Byte 1 + i: 1 while the child of pool index i runs a task's own code.
 
     Example::
 
-        flag = drain_flag(app)
-        flag.set(); flag.is_set()   # True, in the children too
+        state = shared_state(app)
+        state.set_draining(); state.draining()   # True, in the children too
     """
 
     def __init__(self) -> None:
-        self._memory = mmap.mmap(-1, 1)
+        self._memory = mmap.mmap(-1, 1 + _SLOTS)
 
-    def set(self) -> None:
+    def set_draining(self) -> None:
         self._memory[0] = 1
 
-    def is_set(self) -> bool:
+    def draining(self) -> bool:
         return self._memory[0] == 1
 
+    def running(self, index: int) -> bool:
+        """Whether the child of pool ``index`` runs a task's code (True when untracked)."""
+        return not 0 <= index < _SLOTS or self._memory[1 + index] == 1
 
-def drain_flag(app: Any) -> SharedFlag:
-    """``app``'s drain flag, made on first use (by the worker, before its pool forks).
+    def slot(self, index: int) -> _Slot | None:
+        return _Slot(self._memory, 1 + index) if 0 <= index < _SLOTS else None
+
+
+class _Slot:
+    __slots__ = ("memory", "offset")
+
+    def __init__(self, memory: mmap.mmap, offset: int) -> None:
+        self.memory, self.offset = memory, offset
+
+    def enter(self) -> None:
+        self.memory[self.offset] = 1
+
+    def leave(self) -> None:
+        self.memory[self.offset] = 0
+
+
+def shared_state(app: Any) -> SharedState:
+    """``app``'s :class:`SharedState`, made on first use (by the worker, before its pool forks).
 
     Example::
 
-        drain_flag(app).set()
+        shared_state(app).set_draining()
     """
-    flag: SharedFlag | None = app.__dict__.get(_DRAIN_FLAG)
-    if flag is None:
-        flag = app.__dict__.setdefault(_DRAIN_FLAG, SharedFlag())
-    return flag
+    state: SharedState | None = app.__dict__.get(_STATE)
+    if state is None:
+        state = app.__dict__.setdefault(_STATE, SharedState())
+    return state
 
 
-def _drain_flag_set() -> bool:
+def _state_of_running_task() -> SharedState | None:
     task: Any = current_task
     app = getattr(task, "app", None) if task is not None else None
-    flag = app.__dict__.get(_DRAIN_FLAG) if app is not None else None
-    return isinstance(flag, SharedFlag) and flag.is_set()
+    state = app.__dict__.get(_STATE) if app is not None else None
+    return state if isinstance(state, SharedState) else None
+
+
+def _slot_of(thread: Any) -> _Slot | None:
+    """This prefork child's slot (the main thread of a pool child only), cached on the thread."""
+    slot: Any = getattr(thread, "celery_ext_slot", False)
+    if slot is False:
+        slot = None
+        if thread is threading.main_thread():
+            from billiard.process import current_process
+
+            index = getattr(current_process(), "index", None)
+            state = _state_of_running_task()
+            if isinstance(index, int) and state is not None:
+                slot = state.slot(index)
+        thread.celery_ext_slot = slot
+    return slot if isinstance(slot, _Slot) else None
 
 
 def _soft_action(thread: threading.Thread) -> str:
@@ -864,7 +912,7 @@ class Timeouts(bootsteps.StartStopStep):  # type: ignore[misc]
             )
         from ._tasks import apply_all
 
-        drain_flag(w.app)  # before the pool forks: prefork children share it
+        shared_state(w.app)  # before the pool forks: prefork children share it
         apply_all(w.app)
         limited = _apply_worker_defaults(w)
         if limited and w.pool_cls is TimeoutPool:
