@@ -93,11 +93,14 @@ def test_a_full_lane_raises_while_the_durable_lane_keeps_accepting(app: Celery) 
 
 # -- a real `celery worker` ---------------------------------------------------------------
 class Worker:
-    def __init__(self, redis_url: str, queue: str, *options: str, broker: str = "") -> None:
+    def __init__(
+        self, redis_url: str, queue: str, *options: str, broker: str = "", dead_after: float = 15
+    ) -> None:
         self.queue = queue
         self.hostname = f"dur-{uuid.uuid4().hex[:6]}@localhost"
         self.env = dict(
             os.environ,
+            CELERY_EXT_TEST_DEAD_AFTER=str(dead_after),
             CELERY_EXT_TEST_BROKER=broker or redis_url,
             CELERY_EXT_TEST_QUEUE=queue,
             CELERY_EXT_TEST_LEDGER=redis_url,
@@ -140,7 +143,7 @@ def stop(worker: Worker) -> None:
 def test_a_celery_worker_runs_its_lossy_tasks_in_process_and_a_kill_loses_only_them(
     redis_url: str, unique_queue: str, ledger: redis.Redis
 ) -> None:
-    first = Worker(redis_url, unique_queue, "-P", "threads")
+    first = Worker(redis_url, unique_queue, "-P", "threads", dead_after=4)
     second: Worker | None = None
     try:
         for n in range(4):
@@ -158,7 +161,7 @@ def test_a_celery_worker_runs_its_lossy_tasks_in_process_and_a_kill_loses_only_t
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(10)
         killed_at = time.monotonic()
-        second = Worker(redis_url, unique_queue, "-P", "threads")
+        second = Worker(redis_url, unique_queue, "-P", "threads", dead_after=4)
         # The durable ones come back (leases: within dead_worker_after) and run again...
         wait_for(lambda: ledger.hget(f"{unique_queue}.durable", "10") == b"2", timeout=45)
         wait_for(lambda: ledger.hget(f"{unique_queue}.durable", "11") == b"2", timeout=45)

@@ -20,6 +20,9 @@ LEDGER = os.environ.get("CELERY_EXT_TEST_LEDGER", "redis://127.0.0.1:6379/11")
 
 app = Celery("durability_app", broker=os.environ.get("CELERY_EXT_TEST_BROKER", LEDGER))
 app.conf.update(task_default_queue=QUEUE, task_ignore_result=True)
+# A test that SIGKILLs a worker waits for the leases to give its messages back.
+app.conf.celery_ext_dead_worker_after = float(os.environ.get("CELERY_EXT_TEST_DEAD_AFTER", "15"))
+app.conf.celery_ext_lease_interval = min(5.0, app.conf.celery_ext_dead_worker_after / 4)
 celery_ext.install(app)
 ledger = redis.Redis.from_url(LEDGER)
 

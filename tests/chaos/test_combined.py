@@ -10,7 +10,7 @@ lossy follow-ups are lost only where a process was SIGKILLed or a drained
 worker's lane reported dropping them (``lossy_unexplained=0``). Prefork runs
 without lossy tasks (a worker refuses them there).
 
-``CELERY_EXT_COMBINED_TASKS`` sets the size (default 160 per run, half that on
+``CELERY_EXT_COMBINED_TASKS`` sets the size (default 120 per run, half that on
 solo's single slot: bounded for CI); ``benchmarks/chaos_soak.py --combined`` runs
 longer rounds beside stock Celery.
 """
@@ -23,7 +23,7 @@ import pytest
 
 from tests.chaos.harness import publish_combined, run_chaos
 
-TASKS = int(os.environ.get("CELERY_EXT_COMBINED_TASKS", "160"))
+TASKS = int(os.environ.get("CELERY_EXT_COMBINED_TASKS", "120"))
 
 
 @pytest.mark.timeout(300)
@@ -47,7 +47,7 @@ def test_every_feature_at_once_loses_no_durable_task(
         min_age_s=2.0,
         min_faults=3,
         chaos_until=0.6,
-        chaos_s=10,
+        chaos_s=8,
         deadline_s=240,
         log=False,
     )
