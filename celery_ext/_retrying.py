@@ -257,7 +257,14 @@ class RetryingRequest(CountingRequest):
         try:
             _republish(self.task, context, wait_s, first, attempts)
         except Exception:
-            return False  # fails as usual (an acks_late message is handled by Celery)
+            if not self.task.acks_late:
+                return False  # fails as usual: the message is gone already
+            # The broker refused the next attempt (say, it is down): never turn that
+            # into a failure that acks the message. It goes back and runs again.
+            self._hard_limit_decided = True
+            worker_state.task_ready(self)
+            self.reject(requeue=True)
+            return True
         self._hard_limit_decided = True
         counters = counters_of(self.app)
         counters.add("hard_timeouts")

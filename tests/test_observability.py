@@ -22,14 +22,22 @@ def get(url: str) -> tuple[int, str]:
         return response.status, response.read().decode()
 
 
-def poll(check: Callable[[], Any], timeout: float = 20.0) -> Any:
+def poll(
+    check: Callable[[], Any], timeout: float = 20.0, diagnose: Callable[[], str] | None = None
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            if diagnose is not None:  # what the worker was doing, then where things are
+                import faulthandler
+                import sys
+
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            where = f": {diagnose()}" if diagnose is not None else ""
+            raise AssertionError(f"condition not met within {timeout}s{where}")
         time.sleep(0.1)
 
 
@@ -112,7 +120,7 @@ def test_flower_shows_a_retry_with_its_reason_and_next_attempt(
             raise ConnectionError("reset by peer")
         return "ok"
 
-    with LocalWorker(app, pool="threads"), start_flower(app, port=0) as flower:
+    with LocalWorker(app, pool="threads") as worker, start_flower(app, port=0) as flower:
         task_id = flaky.delay().id
 
         def retried() -> bool:
@@ -120,7 +128,16 @@ def test_flower_shows_a_retry_with_its_reason_and_next_attempt(
             task = json.loads(body).get(task_id) or {}
             return bool(task.get("retried")) and task.get("state") == "SUCCESS"
 
-        poll(retried)
+        def where() -> str:
+            _, body = get(flower.url + "/api/tasks")
+            lane = worker.lane
+            return (
+                f"flower: {json.loads(body).get(task_id)}; gate: {gate.is_set()}; lane: "
+                f"queued {lane.depth('celery')}, parked {lane.parked('celery')}, "
+                f"unacked {lane.unacked()}; result: {app.AsyncResult(task_id).state}"
+            )
+
+        poll(retried, diagnose=where)
         _, body = get(flower.url + "/api/tasks")
         exception = json.loads(body)[task_id]["exception"]
     assert "ConnectionError: reset by peer; attempt 2 in 0.2s" in exception

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from celery import Celery, signals
+from celery import Celery
+from celery.exceptions import TimeLimitExceeded
 
 import celery_ext
 from celery_ext import DeadLetters, LocalWorker, RetryAfter, TaskTimeout, fixed
@@ -158,32 +159,64 @@ def test_a_replayed_task_gets_a_fresh_budget(app: Celery) -> None:
     assert len(calls) == 3
 
 
-def test_a_failed_republish_does_not_lose_the_task(app: Celery) -> None:
+def refuse_the_first_retry(app: Celery) -> threading.Event:
+    """Make the app's first publish of a celery_ext retry fail; set once it did.
+
+    (A receiver of ``before_task_publish`` cannot: Celery logs its errors and publishes.)
+    """
     failed_once = threading.Event()
+    send = app.amqp.send_task_message
 
-    def break_first_retry(headers: dict[str, Any] | None = None, **_: Any) -> None:
-        if headers and RETRY_HEADER in headers and not failed_once.is_set():
+    def send_but_refuse_the_first_retry(*args: Any, **kwargs: Any) -> Any:
+        headers = {**(args[2].headers or {}), **(kwargs.get("headers") or {})}
+        if RETRY_HEADER in headers and not failed_once.is_set():
             failed_once.set()
-            raise ConnectionError("broker went away while republishing")
+            raise OSError("the broker refused the next attempt")
+        return send(*args, **kwargs)
 
-    calls: list[int] = []
+    app.amqp.send_task_message = send_but_refuse_the_first_retry
+    return failed_once
 
-    @app.task(shared=False, name=name(), acks_late=True)
+
+def test_a_failed_republish_does_not_lose_the_task(app: Celery) -> None:
+    failed_once = refuse_the_first_retry(app)
+    retries: list[int] = []
+
+    @app.task(shared=False, bind=True, name=name(), acks_late=True)
     @celery_ext.retry(attempts=5, wait=fixed(0.1))
-    def once_more() -> str:
-        calls.append(1)
-        if len(calls) < 3:
+    def once_more(self: Any) -> str:
+        retries.append(self.request.retries)
+        if len(retries) < 3:
             raise OSError("flaky")
         return "ok"
 
-    signals.before_task_publish.connect(break_first_retry, weak=False)
-    try:
-        with worker(app):
-            assert once_more.delay().get(timeout=30) == "ok"
-    finally:
-        signals.before_task_publish.disconnect(break_first_retry)
+    with worker(app):
+        assert once_more.delay().get(timeout=30) == "ok"
     assert failed_once.is_set()
-    assert len(calls) == 3  # the requeued first attempt ran again, then one retry
+    assert retries == [0, 0, 1]  # the requeued first attempt ran again, then one retry
+
+
+def test_a_hard_limit_whose_retry_cannot_be_published_is_requeued_not_failed(
+    app: Celery,
+) -> None:
+    # A task past its hard limit, with a policy that retries that, during a broker
+    # outage: the next attempt cannot be published. The stock hard-limit failure
+    # acked the message: the task was gone (seen in the combined chaos run).
+    failed_once = refuse_the_first_retry(app)
+    calls: list[int] = []
+
+    @app.task(shared=False, name=name(), acks_late=True, time_limit=0.5)
+    @celery_ext.retry(on=TimeLimitExceeded, attempts=5, wait=fixed(0.1))
+    def slow_once() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(2)  # past the hard limit
+        return "ok"
+
+    with worker(app):
+        assert slow_once.delay().get(timeout=30) == "ok"
+    assert failed_once.is_set()
+    assert len(calls) == 2  # the requeued message ran again
 
 
 def test_manual_self_retry_uses_the_policy(app: Celery) -> None:

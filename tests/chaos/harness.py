@@ -390,7 +390,14 @@ def publish_combined(
         elif kind == "countdown":
             options.update(countdown=rng.uniform(3.0, 5.0))  # parked: beyond the horizon
         pad = "x" * 6000 if kind == "padded" else ""
-        app.send_task("combo.work", args=[n, kind, pad], **options)
+        for attempt in range(60):  # a producer that rides out the broker cut
+            try:
+                app.send_task("combo.work", args=[n, kind, pad], **options)
+                break
+            except Exception:
+                if attempt == 59:
+                    raise
+                time.sleep(0.5)
     app.close()
 
 
@@ -473,9 +480,11 @@ def run_chaos(
             while (n := done()) < tasks and time.monotonic() - started < deadline_s:
                 now = time.monotonic()
                 hits = result.terms + result.kills
-                chaos = (n < tasks * chaos_until or hits < min_faults) and now - started < chaos_s
+                pending = hits < min_faults or ("cut" in faults and not result.cuts)
+                chaos = (n < tasks * chaos_until or pending) and now - started < chaos_s
                 if chaos and now >= next_fault:
-                    if "cut" in faults and not result.cuts and n >= cut_at:
+                    cut_due = n >= cut_at or now - started >= chaos_s / 2
+                    if "cut" in faults and not result.cuts and cut_due:
                         say(f"chaos: cutting the broker at {n}/{tasks}")
                         if isinstance(fault, OwnRedis):
                             fault.restart()
@@ -535,7 +544,7 @@ def run_chaos(
         if kind == "amqp":
             with suppress(Exception):
                 _cleanup_amqp(queue)
-        if result.lost or log:
+        if result.lost or result.crashed or result.lossy_unexplained or log:
             print(f"chaos: worker logs in {logdir}")
         else:
             shutil.rmtree(logdir, ignore_errors=True)

@@ -3,8 +3,8 @@
 Real ``celery worker`` subprocesses (threads pool) run acks_late tasks that
 write a ledger; workers are SIGTERMed and SIGKILLed at random points and
 replaced, and every broker connection is cut once (see :mod:`.harness`).
-``CELERY_EXT_CHAOS_TASKS`` sets the size (default 4,000 per broker, bounded for
-CI: 20-30 s each here); ``benchmarks/chaos_soak.py`` runs longer rounds (10,000
+``CELERY_EXT_CHAOS_TASKS`` sets the size (default 2,000 per broker, bounded for
+CI: 15-25 s each here); ``benchmarks/chaos_soak.py`` runs longer rounds (10,000
 tasks) and stock Celery. :mod:`.test_combined` turns every feature on at once.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 from tests.chaos.harness import run_chaos
 
-TASKS = int(os.environ.get("CELERY_EXT_CHAOS_TASKS", "4000"))
+TASKS = int(os.environ.get("CELERY_EXT_CHAOS_TASKS", "2000"))
 
 
 @pytest.mark.timeout(420)

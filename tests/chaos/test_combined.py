@@ -1,10 +1,12 @@
-"""Every feature on at once, under SIGTERM and SIGKILL: 0 durable tasks lost, on every pool.
+"""Every feature on at once, under SIGTERM, SIGKILL and a broker cut: 0 durable tasks lost.
 
 One app (:mod:`tests.apps.combined_app`) with lossy follow-ups published by durable
 tasks, retries with parked waits, soft and hard time limits, far countdowns
 parked, a queue bound producers block at, ``prefetch_bytes`` and a 1.5 s drain
 deadline; two ``celery worker`` subprocesses per run are SIGTERMed and SIGKILLed
-at random and replaced (see :mod:`.harness`). Each run prints its ledger line.
+at random and replaced, and every broker connection is cut once (a test-owned
+``redis-server`` restarted; a TCP proxy in front of RabbitMQ; see :mod:`.harness`),
+on the threads, solo, prefork and gevent pools. Each run prints its ledger line.
 Durable tasks are ``acks_late``: each completes at least once (``lost=0``);
 lossy follow-ups are lost only where a process was SIGKILLed or a drained
 worker's lane reported dropping them (``lossy_unexplained=0``). Prefork runs
@@ -42,9 +44,9 @@ def test_every_feature_at_once_loses_no_durable_task(
         app="tests.apps.combined_app",
         publish=publish_combined,
         lossy=lossy,
-        faults=("term", "kill"),
-        every_s=(0.7, 1.5),
-        min_age_s=2.0,
+        faults=("term", "kill", "cut"),
+        every_s=(0.5, 1.2),
+        min_age_s=1.5,
         min_faults=3,
         chaos_until=0.6,
         chaos_s=8,
@@ -53,7 +55,7 @@ def test_every_feature_at_once_loses_no_durable_task(
     )
     with capsys.disabled():
         print(f"\n{result.line()}")
-    assert result.terms + result.kills >= 3, result.line()
+    assert result.cuts == 1 and result.terms + result.kills >= 3, result.line()
     assert result.lost == 0, result.line()
     assert result.crashed == [], result.crashed  # no worker died of an error
     if lossy:
