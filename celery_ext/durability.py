@@ -162,13 +162,24 @@ class LaneWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         from .local import LocalWorker
 
         queues = sorted(q.name for q in w.app.amqp.queues.consume_from.values())
-        self.lane = LocalWorker(
+        lane = LocalWorker(
             w.app,
             concurrency=settings_of(w.app).lane_concurrency,
             queues=queues,
             hostname=f"lane.{w.hostname}",
             task_events=bool(getattr(w, "task_events", False)),  # -E: Flower sees lossy tasks
-        ).start()
+        )
+        try:
+            # No time limit, as for the worker's own first connection: the lane worker's
+            # event dispatcher connects to the broker, which may be down for a while.
+            self.lane = lane.start(timeout=None)
+        except RuntimeError:
+            if worker_state.should_stop is None and worker_state.should_terminate is None:
+                raise
+            # A shutdown began while it started (its connection retries end on that):
+            # the worker is stopping, there is no lane to serve.
+            logger.warning("celery_ext: the worker is shutting down; no lane worker started")
+            return
         logger.info("celery_ext: lossy tasks run on the local lane (queues %s)", queues)
 
     def stop(self, w: Any) -> None:

@@ -1113,8 +1113,11 @@ class LocalWorker:
         self._failures: list[BaseException] = []
 
     # -- lifecycle ----------------------------------------------------------
-    def start(self, timeout: float = 30.0) -> LocalWorker:
-        """Start the worker thread and wait until it consumes.
+    def start(self, timeout: float | None = 30.0) -> LocalWorker:
+        """Start the worker thread and wait until it consumes (``timeout`` None: no limit).
+
+        Raises :class:`RuntimeError` when it did not start in time, or stopped
+        while starting (at once, not at the timeout).
 
         Example::
 
@@ -1147,9 +1150,15 @@ class LocalWorker:
 
         self._thread = threading.Thread(target=run, name=f"celery_ext-{self.hostname}", daemon=True)
         self._thread.start()
-        if not self._ready.wait(timeout) or not self._thread.is_alive():
-            self._disconnect()
-            raise RuntimeError(f"embedded worker {self.hostname} did not start in {timeout}s")
+        deadline = None if timeout is None else monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if not self._thread.is_alive():
+                self._thread = None
+                self._disconnect()
+                raise RuntimeError(f"embedded worker {self.hostname} stopped while starting")
+            if deadline is not None and monotonic() > deadline:
+                self._disconnect()
+                raise RuntimeError(f"embedded worker {self.hostname} did not start in {timeout}s")
         # The worker marks the whole process as "inside a worker", where result.get()
         # is refused; the embedding code is not a task (Celery's own embedded test
         # worker resets it the same way).

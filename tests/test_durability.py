@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -406,3 +407,24 @@ def test_a_lossy_publish_with_a_lane_worker_is_quiet(
     with caplog.at_level("WARNING", logger="celery_ext.local"), LocalWorker(app):
         assert lossy.delay().get(timeout=20) == 1
     assert not [r for r in caplog.records if "no worker consumes it" in r.getMessage()]
+
+
+def test_a_sigterm_while_the_broker_is_down_at_start_stops_cleanly(
+    redis_url: str, unique_queue: str
+) -> None:
+    # The lane worker starts before the broker consumer, and its event dispatcher
+    # connects to the broker. A SIGTERM while that connection retried ended the lane
+    # worker's start; the worker waited 30 s for it, then died ("Unrecoverable error").
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        down = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"  # nothing listens there
+    worker = Worker(redis_url, unique_queue, "-P", "threads", broker=down)
+    try:
+        wait_for(lambda: "Cannot connect to redis" in worker.stderr(), timeout=30)
+        started = time.monotonic()
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(20) == 0, worker.stderr()
+        assert time.monotonic() - started < 10.0
+        assert "Unrecoverable error" not in worker.stderr()
+    finally:
+        stop(worker)
