@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import types
+import uuid
 from typing import Any
 
 from celery import Celery
@@ -73,12 +75,31 @@ class FlowerServer:
         self._flower.start()
 
     def start(self, timeout: float = 10.0) -> FlowerServer:
+        """Serve pages and take events before returning: what runs after ``start()``
+        is on Flower's pages."""
+        deadline = time.monotonic() + timeout
         self._thread.start()
         if not self._ready.wait(timeout):
             raise RuntimeError(f"Flower did not start within {timeout}s")
         if self._error is not None:
             raise RuntimeError(f"Flower failed to start: {self._error!r}") from self._error
+        self._await_events(deadline)
         return self
+
+    def _await_events(self, deadline: float) -> None:
+        # Flower subscribes to events from a thread of its own, after the HTTP server is
+        # up; an event sent before that is gone (a fanout exchange keeps nothing), so a
+        # task started right after start() would be missing its first events.
+        probe = f"celery_ext-flower-{uuid.uuid4().hex[:8]}"
+        counter = self._flower.events.state.counter
+        with self.app.events.default_dispatcher(hostname=probe) as dispatcher:
+            while probe not in counter:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("Flower started but received no events")
+                dispatcher.send("celery_ext-flower-probe")
+                time.sleep(0.05)
+        self._loop.add_callback(counter.pop, probe, None)
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._loop is not None and self._flower is not None:
