@@ -42,7 +42,7 @@ import redis
 from celery import Celery
 
 ROOT = Path(__file__).resolve().parents[2]
-LEDGER_URL = "redis://127.0.0.1:6379/11"
+LEDGER_URL = os.environ.get("CELERY_EXT_TEST_REDIS", "redis://127.0.0.1:6379/11")
 AMQP = ("127.0.0.1", 5672)
 _RESET = (1).to_bytes(4, "little") + (0).to_bytes(4, "little")  # SO_LINGER on, 0 s: close = RST
 
@@ -346,13 +346,24 @@ def _broker(kind: str) -> Iterator[tuple[str, OwnRedis | TcpProxy]]:
         raise ValueError(kind)
 
 
-def _publish(url: str, queue: str, tasks: int) -> None:
+def _publish(url: str, queue: str, tasks: int, first: int = 0) -> None:
     app = Celery("chaos_producer", broker=url, set_as_current=False)
     app.conf.update(task_default_queue=queue, task_ignore_result=True)
-    with app.producer_or_acquire() as producer:
-        for n in range(tasks):
-            app.send_task("chaos.work", args=[n], producer=producer)
+    for n in range(first, first + tasks):
+        _send(app, "chaos.work", [n], {})
     app.close()
+
+
+def _send(app: Celery, name: str, args: list[Any], options: dict[str, Any]) -> None:
+    """Publish one task like a producer that rides out a broker cut."""
+    for attempt in range(60):
+        try:
+            app.send_task(name, args=args, **options)
+            return
+        except Exception:
+            if attempt == 59:
+                raise
+            time.sleep(0.5)
 
 
 #: The kinds of combined tasks, by ``n % 20`` (see tests.apps.combined_app).
@@ -361,7 +372,12 @@ _KINDS += ["countdown"] * 2 + ["padded"]
 
 
 def publish_combined(
-    url: str, queue: str, tasks: int, seed: int | None = None, stock: bool = False
+    url: str,
+    queue: str,
+    tasks: int,
+    first: int = 0,
+    seed: int | None = None,
+    stock: bool = False,
 ) -> None:
     """Publish the combined run's tasks through celery_ext with the app's queue bound
     and ``block``: the producer waits while the queue is full (the workers, under
@@ -380,7 +396,7 @@ def publish_combined(
             queue_block_timeout=120.0,
             eta_horizon=2.0,
         )
-    for n in range(tasks):
+    for n in range(first, first + tasks):
         kind = _KINDS[n % len(_KINDS)]
         options: dict[str, Any] = {}
         if kind == "soft":
@@ -390,14 +406,7 @@ def publish_combined(
         elif kind == "countdown":
             options.update(countdown=rng.uniform(3.0, 5.0))  # parked: beyond the horizon
         pad = "x" * 6000 if kind == "padded" else ""
-        for attempt in range(60):  # a producer that rides out the broker cut
-            try:
-                app.send_task("combo.work", args=[n, kind, pad], **options)
-                break
-            except Exception:
-                if attempt == 59:
-                    raise
-                time.sleep(0.5)
+        _send(app, "combo.work", [n, kind, pad], options)
     app.close()
 
 
@@ -427,7 +436,7 @@ def run_chaos(
     stock: bool = False,
     log: bool = True,
     app: str = "tests.apps.chaos_app",
-    publish: Callable[[str, str, int], None] | None = None,
+    publish: Callable[[str, str, int, int], None] | None = None,
     lossy: bool = False,
 ) -> ChaosResult:
     """Run one chaos round on ``kind`` ("redis" or "amqp"); see the module docstring.
@@ -437,10 +446,12 @@ def run_chaos(
     done and at least ``min_faults`` workers were hit, or after ``chaos_s``;
     the run then waits up to ``deadline_s`` (from the start) for the rest.
 
-    ``app`` is the worker app module; ``publish(url, queue, tasks)`` runs in a
-    thread beside the workers when given (a bounded producer that blocks), else
-    every task is queued first. ``lossy``: also account for the app's lossy
-    follow-ups (see :mod:`tests.apps.combined_app`).
+    ``app`` is the worker app module; ``publish(url, queue, count, first)`` (tasks
+    ``first`` to ``first + count - 1``) runs in a thread beside the workers when
+    given (a bounded producer that blocks), else the tasks are queued before the
+    workers start. Either way a fifth of them is held back until the faults are in.
+    ``lossy``: also account for the app's lossy follow-ups (see
+    :mod:`tests.apps.combined_app`).
     """
     rng = random.Random(seed)
     queue = f"celery_ext.chaos.{uuid.uuid4().hex[:8]}"
@@ -460,14 +471,24 @@ def run_chaos(
                 "CELERY_EXT_CHAOS_STOCK": "1" if stock else "0",
                 "CELERY_EXT_CHAOS_LOSSY": "1" if lossy else "0",
             }
-            publisher: threading.Thread | None = None
-            if publish is None:
-                _publish(url, queue, tasks)  # all queued first: the faults hit a busy run
-            else:
-                publisher = threading.Thread(
-                    target=publish, args=(url, queue, tasks), daemon=True, name="chaos-publish"
+            # Most tasks go out first, the rest once the faults are in: a run that goes
+            # fast cannot end before the faults. Without a publisher the first part is
+            # all queued before the workers start (the faults hit a busy run).
+            reserve = tasks // 5
+            publishers: list[threading.Thread] = []
+
+            def publishing(count: int, first: int) -> None:
+                target = publish or _publish
+                thread = threading.Thread(
+                    target=target, args=(url, queue, count, first), daemon=True
                 )
-                publisher.start()
+                thread.start()
+                publishers.append(thread)
+
+            if publish is None:
+                _publish(url, queue, tasks - reserve)
+            else:
+                publishing(tasks - reserve, 0)
             pool_ = Workers(env, queue, logdir, pool, concurrency, app)
             for _ in range(workers):
                 pool_.start()
@@ -482,6 +503,9 @@ def run_chaos(
                 hits = result.terms + result.kills
                 pending = hits < min_faults or ("cut" in faults and not result.cuts)
                 chaos = (n < tasks * chaos_until or pending) and now - started < chaos_s
+                if reserve and (not pending or now - started >= chaos_s):
+                    publishing(reserve, tasks - reserve)
+                    reserve = 0
                 if chaos and now >= next_fault:
                     cut_due = n >= cut_at or now - started >= chaos_s / 2
                     if "cut" in faults and not result.cuts and cut_due:
@@ -523,8 +547,8 @@ def run_chaos(
                 result.longest_drain_log = pool_.logs[slowest].name
             result.exit_codes = pool_.stop_all()
             result.crashed = pool_.crashed()
-            if publisher is not None:
-                publisher.join(timeout=5)
+            for thread in publishers:
+                thread.join(timeout=5)
             result.done = done()
             if lossy:
                 completions = ledger.hvals(f"{queue}.completions")
