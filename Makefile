@@ -20,8 +20,10 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.demo  ## the email service on the local lane: no servers needed
 	$(BIN)/python examples/email_service.py
 
+# Two test processes: most tests wait on workers and brokers, not the CPU. The chaos
+# runs share one process (their xdist_group), one after another.
 test: $(VENV)/.dev  ## the whole suite (Redis and RabbitMQ tests skip when unreachable)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check celery_ext tests examples benchmarks

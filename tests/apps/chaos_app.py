@@ -18,7 +18,9 @@ from celery import Celery
 import celery_ext
 
 QUEUE = os.environ.get("CELERY_EXT_CHAOS_QUEUE", "celery")
-LEDGER = os.environ.get("CELERY_EXT_CHAOS_LEDGER", "redis://127.0.0.1:6379/11")
+LEDGER = os.environ.get(
+    "CELERY_EXT_CHAOS_LEDGER", os.environ.get("CELERY_EXT_TEST_REDIS", "redis://127.0.0.1:6379/11")
+)
 BROKER = os.environ.get("CELERY_EXT_CHAOS_BROKER", LEDGER)
 
 app = Celery("chaos_app", broker=BROKER)

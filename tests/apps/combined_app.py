@@ -35,7 +35,9 @@ import celery_ext
 from celery_ext.signals import drain_finished
 
 QUEUE = os.environ.get("CELERY_EXT_CHAOS_QUEUE", "celery")
-LEDGER = os.environ.get("CELERY_EXT_CHAOS_LEDGER", "redis://127.0.0.1:6379/11")
+LEDGER = os.environ.get(
+    "CELERY_EXT_CHAOS_LEDGER", os.environ.get("CELERY_EXT_TEST_REDIS", "redis://127.0.0.1:6379/11")
+)
 BROKER = os.environ.get("CELERY_EXT_CHAOS_BROKER", LEDGER)
 LOSSY = os.environ.get("CELERY_EXT_CHAOS_LOSSY", "1") == "1"
 STOCK = os.environ.get("CELERY_EXT_CHAOS_STOCK") == "1"

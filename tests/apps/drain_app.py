@@ -15,7 +15,9 @@ import celery_ext
 from celery_ext.signals import drain_finished, drain_started
 
 QUEUE = os.environ.get("CELERY_EXT_TEST_QUEUE", "celery")
-LEDGER = os.environ.get("CELERY_EXT_TEST_LEDGER", "redis://127.0.0.1:6379/11")
+LEDGER = os.environ.get(
+    "CELERY_EXT_TEST_LEDGER", os.environ.get("CELERY_EXT_TEST_REDIS", "redis://127.0.0.1:6379/11")
+)
 
 app = Celery("drain_app", broker=os.environ.get("CELERY_EXT_TEST_BROKER", LEDGER))
 app.conf.update(task_default_queue=QUEUE, task_ignore_result=True, worker_prefetch_multiplier=4)

@@ -16,7 +16,9 @@ from celery import Celery
 import celery_ext
 
 QUEUE = os.environ.get("CELERY_EXT_TEST_QUEUE", "celery")
-LEDGER = os.environ.get("CELERY_EXT_TEST_LEDGER", "redis://127.0.0.1:6379/11")
+LEDGER = os.environ.get(
+    "CELERY_EXT_TEST_LEDGER", os.environ.get("CELERY_EXT_TEST_REDIS", "redis://127.0.0.1:6379/11")
+)
 
 app = Celery("durability_app", broker=os.environ.get("CELERY_EXT_TEST_BROKER", LEDGER))
 app.conf.update(task_default_queue=QUEUE, task_ignore_result=True)

@@ -9,7 +9,11 @@ from celery import Celery
 import celery_ext
 
 app = Celery(
-    "flower_app", broker=os.environ.get("CELERY_EXT_TEST_BROKER", "redis://127.0.0.1:6379/11")
+    "flower_app",
+    broker=os.environ.get(
+        "CELERY_EXT_TEST_BROKER",
+        os.environ.get("CELERY_EXT_TEST_REDIS", "redis://127.0.0.1:6379/11"),
+    ),
 )
 app.conf.update(
     task_default_queue=os.environ.get("CELERY_EXT_TEST_QUEUE", "celery"),

@@ -104,8 +104,14 @@ def define_tasks(app: Celery) -> dict[str, Any]:
 
 app = Celery(
     "timeout_app",
-    broker=os.environ.get("CELERY_EXT_TEST_BROKER", "redis://127.0.0.1:6379/11"),
-    backend=os.environ.get("CELERY_EXT_TEST_BACKEND", "redis://127.0.0.1:6379/11"),
+    broker=os.environ.get(
+        "CELERY_EXT_TEST_BROKER",
+        os.environ.get("CELERY_EXT_TEST_REDIS", "redis://127.0.0.1:6379/11"),
+    ),
+    backend=os.environ.get(
+        "CELERY_EXT_TEST_BACKEND",
+        os.environ.get("CELERY_EXT_TEST_REDIS", "redis://127.0.0.1:6379/11"),
+    ),
 )
 app.conf.task_default_queue = os.environ.get("CELERY_EXT_TEST_QUEUE", "celery")
 celery_ext.install(app)

@@ -16,6 +16,9 @@ import pytest
 
 from tests.chaos.harness import run_chaos
 
+# With pytest-xdist, the chaos runs (CPU-hungry) go to one worker, one after another.
+pytestmark = pytest.mark.xdist_group("chaos")
+
 TASKS = int(os.environ.get("CELERY_EXT_CHAOS_TASKS", "2000"))
 
 

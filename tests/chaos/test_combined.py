@@ -25,6 +25,9 @@ import pytest
 
 from tests.chaos.harness import publish_combined, run_chaos
 
+# With pytest-xdist, the chaos runs (CPU-hungry) go to one worker, one after another.
+pytestmark = pytest.mark.xdist_group("chaos")
+
 TASKS = int(os.environ.get("CELERY_EXT_COMBINED_TASKS", "120"))
 
 
