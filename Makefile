@@ -18,7 +18,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.demo  ## the email service on the local lane: no servers needed
-	$(BIN)/python examples/email_service.py
+	$(BIN)/python examples/email_service.py $(ARGS)
 
 # Two test processes: most tests wait on workers and brokers, not the CPU. The chaos
 # runs share one process (their xdist_group), one after another.

@@ -20,11 +20,12 @@ How, per broker (``install(app)`` selects the transports below for
 ``redis://``, ``rediss://``, ``amqp://``, ``pyamqp://`` and ``amqps://`` URLs when
 ``broker_transport`` is unset; without a bound they publish exactly as kombu's):
 
-- **Redis** (:class:`RedisTransport`): instead of kombu's ``LPUSH``, a Lua
-  script sums ``LLEN`` over the queue's priority lists and pushes only while
-  the sum is below the bound: atomic on the server, exact for any number of
-  producers. :func:`enqueue_many` sends one script call per chunk that pushes
-  as many messages as fit and reports how many it took.
+- **Redis** (:class:`~celery_ext.redis_transport.RedisTransport`): instead of
+  kombu's ``LPUSH``, a Lua script sums ``LLEN`` over the queue's priority
+  lists and pushes only while the sum is below the bound: atomic on the
+  server, exact for any number of producers. :func:`enqueue_many` sends one
+  script call per chunk that pushes as many messages as fit and reports how
+  many it took.
 - **RabbitMQ** (:class:`AmqpTransport`): queues named in ``queue_limits`` are
   declared with ``x-max-length`` and ``x-overflow: reject-publish``, and
   ``install`` turns on publisher confirms, so the broker refuses the message
@@ -84,7 +85,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -102,14 +102,11 @@ from celery.app.task import Task
 from celery.utils.functional import maybe_list
 from celery.utils.saferepr import saferepr
 from kombu.transport import pyamqp
-from kombu.transport import redis as kombu_redis
-from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
 from ._settings import PREFIX, Settings
-from .delays import RETRY_HEADER, AmqpParking, RedisParking, eta_delay, redis_horizon
+from .delays import RETRY_HEADER, AmqpParking, eta_delay
 from .errors import ConfigurationError, QueueFull
-from .redis_delivery import AtomicDelivery
 from .sizes import SizeLimited
 
 __all__ = [
@@ -118,14 +115,23 @@ __all__ = [
     "AmqpsTransport",
     "BatchQueueFull",
     "Bounds",
-    "RedisTransport",
-    "RedissTransport",
     "enqueue_many",
     "setup",
     "shed_count",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> Any:
+    # The Redis transport lives in celery_ext.redis_transport, imported only when a
+    # redis:// app uses it; "celery_ext.bounds:RedisTransport" keeps working.
+    if name in ("RedisChannel", "RedisTransport", "RedissTransport"):
+        from . import redis_transport
+
+        return getattr(redis_transport, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: The ``apply_async`` / ``@app.task`` option naming a per-call / per-task bound.
 OPTION = "max_queued"
@@ -398,29 +404,6 @@ def _offer(
         wait_s = min(wait_s * 2, _MAX_WAIT_S)
 
 
-# -- Redis ----------------------------------------------------------------------
-# KEYS: every priority list of one queue. ARGV[1] bound (0: none), ARGV[2] expiry in
-# ms (0: none), then (index into KEYS, payload) pairs. Pushes, in order, as many as
-# fit; returns {pushed, depth before}.
-_PUSH = """
-local limit = tonumber(ARGV[1])
-local count = (#ARGV - 2) / 2
-local depth = 0
-local n = count
-if limit > 0 then
-  for i = 1, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
-  n = math.max(0, math.min(limit - depth, count))
-end
-for i = 1, n do
-  redis.call('LPUSH', KEYS[tonumber(ARGV[1 + 2 * i])], ARGV[2 + 2 * i])
-end
-if n > 0 and tonumber(ARGV[2]) > 0 then
-  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
-end
-return {n, depth}
-"""
-
-
 @dataclass
 class _Pending:
     """A message waiting to be pushed (Redis) or published (RabbitMQ)."""
@@ -480,133 +463,6 @@ class _Collecting:
 
     def _flush_run(self, run: list[_Pending]) -> tuple[list[_Pending], QueueFull | None]:
         raise NotImplementedError
-
-
-class RedisChannel(_Collecting, SizeLimited, AtomicDelivery, kombu_redis.Channel):  # type: ignore[misc]
-    """kombu's Redis channel with bounded, atomic pushes (see the module docstring)
-    and deliveries a crash cannot drop (:mod:`celery_ext.redis_delivery`)."""
-
-    def celery_ext_keep_unrecorded(self, item: tuple[Any, str, str]) -> None:
-        if self.bounds is not None:
-            self.bounds.keep_unrecorded(item)
-
-    def celery_ext_take_unrecorded(self) -> list[tuple[Any, str, str]]:
-        return self.bounds.take_unrecorded() if self.bounds is not None else []
-
-    def celery_ext_dead_letter_raw(self, raw: bytes, queue: str, reason: str, detail: str) -> bool:
-        if self.bounds is None:
-            return False
-        from .intake import dead_letter_raw
-
-        return dead_letter_raw(self.bounds.app, raw, queue, reason, detail)
-
-    @cached_property
-    def bounds(self) -> Bounds | None:
-        bounds = self.connection.client.transport_options.get(BOUNDS_OPTION)
-        return bounds if isinstance(bounds, Bounds) else None
-
-    @cached_property
-    def _push_script(self) -> Any:
-        import redis  # kombu's Redis transport needs it anyway
-
-        # A plain client: kombu's prefixing client would prefix only the first key
-        # of an EVALSHA, so global_keyprefix is applied to every key here.
-        return redis.Redis(connection_pool=self.pool).register_script(_PUSH)
-
-    def basic_publish(self, message: Any, exchange: str, routing_key: str, **kwargs: Any) -> Any:
-        call = message["properties"].pop(OPTION, None)
-        if call is not None:
-            kwargs[LIMIT_KW] = check_limit(call, f"apply_async({OPTION})")
-        return super().basic_publish(message, exchange, routing_key, **kwargs)
-
-    @cached_property
-    def _parking(self) -> RedisParking:
-        return RedisParking(self)
-
-    def _park_at_publish(self, queue: str, message: Any) -> bool:
-        """Park a far-future ETA message instead of pushing it (see backpressure)."""
-        bounds = self.bounds
-        if bounds is None:
-            return False
-        horizon = redis_horizon(bounds.eta_horizon_s, float(self.visibility_timeout))
-        delay = bounds.park_delay(message.get("headers"), horizon)
-        if delay is None:
-            return False
-        self._parking.park(queue, message, delay)
-        return True
-
-    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        if self._park_at_publish(queue, message):
-            return None
-        call = kwargs.pop(LIMIT_KW, None)
-        bounds = self.bounds
-        limit = bounds.limit(queue, message["headers"].get("task"), call) if bounds else None
-        collector = self._collector
-        if bounds is None or (limit is None and collector is None):
-            return super()._put(queue, message, **kwargs)  # type: ignore[no-any-return]
-        # Bounded (or collected) messages skip kombu's Producer.batch pipeline: the
-        # bound is checked when they are pushed, so they are pushed now (or at flush).
-        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
-        item = _Pending(queue, limit, message["headers"].get("id"), (key, dumps(message)))
-        if collector is not None:
-            collector.append(item)
-            return None
-        _, refusal = self._flush_run([item])
-        if refusal is not None:
-            raise refusal
-        return None
-
-    def _flush_run(self, run: list[_Pending]) -> tuple[list[_Pending], QueueFull | None]:
-        queue, limit = run[0].queue, run[0].limit
-        prefix = self.global_keyprefix or ""
-        lists = list(dict.fromkeys(self._q_for_pri(queue, p) for p in self.priority_steps))
-        index = {name: i for i, name in enumerate(lists, 1)}
-        expires = (self._expires or {}).get(queue, 0)
-        keys = [prefix + name for name in lists]
-
-        def attempt(items: list[_Pending]) -> tuple[list[_Pending], list[_Pending], int]:
-            args: list[Any] = [limit or 0, expires]
-            for item in items:
-                args += (index[item.payload[0]], item.payload[1])
-            pushed, depth = self._push_script(keys=keys, args=args)
-            return items[:pushed], items[pushed:], int(depth) + int(pushed)
-
-        bounds = self.bounds
-        if limit is None or bounds is None:  # collected, unbounded: one push
-            return attempt(run)[0], None
-        return _offer(bounds, queue, limit, run, attempt)
-
-
-class RedisTransport(kombu_redis.Transport):  # type: ignore[misc]
-    """kombu's Redis transport with producer-side bounds (``redis://`` after ``install``).
-
-    Example::
-
-        Celery(broker="redis://", broker_transport="celery_ext.bounds:RedisTransport")
-    """
-
-    Channel = RedisChannel
-
-
-class RedissTransport(RedisTransport):
-    """:class:`RedisTransport` for ``rediss://`` URLs, with kombu's TLS default.
-
-    kombu applies its ``rediss`` default (TLS without certificate checks, with a
-    warning) only when the transport comes from the URL; this does the same.
-
-    Example::
-
-        Celery(broker="rediss://host", broker_use_ssl={"ssl_cert_reqs": ssl.CERT_REQUIRED})
-    """
-
-    def __init__(self, client: Any, **kwargs: Any) -> None:
-        if not client.ssl:
-            logger.warning(
-                "Secure redis scheme specified (rediss) with no ssl options, "
-                "defaulting to insecure SSL behaviour."
-            )
-            client.ssl = {"ssl_cert_reqs": ssl.CERT_NONE}
-        super().__init__(client, **kwargs)
 
 
 # -- RabbitMQ -------------------------------------------------------------------
@@ -867,15 +723,15 @@ class AmqpsTransport(AmqpTransport, pyamqp.SSLTransport):  # type: ignore[misc]
 
 # scheme -> (transport class path, the scheme kombu shows in URIs for it)
 _TRANSPORTS = {
-    "redis": "celery_ext.bounds:RedisTransport",
-    "rediss": "celery_ext.bounds:RedissTransport",
+    "redis": "celery_ext.redis_transport:RedisTransport",
+    "rediss": "celery_ext.redis_transport:RedissTransport",
     "amqp": "celery_ext.bounds:AmqpTransport",
     "pyamqp": "celery_ext.bounds:AmqpTransport",
     "amqps": "celery_ext.bounds:AmqpsTransport",
 }
 _SHOWN_AS = {
-    "celery_ext.bounds:RedisTransport": "redis",
-    "celery_ext.bounds:RedissTransport": "rediss",
+    "celery_ext.redis_transport:RedisTransport": "redis",
+    "celery_ext.redis_transport:RedissTransport": "rediss",
     "celery_ext.bounds:AmqpTransport": "amqp",
     "celery_ext.bounds:AmqpsTransport": "amqps",
 }

@@ -37,7 +37,7 @@ error").
 
 Example::
 
-    celery_ext.install(app)   # redis:// now uses celery_ext.bounds:RedisTransport
+    celery_ext.install(app)   # redis:// now uses celery_ext.redis_transport:RedisTransport
 """
 
 from __future__ import annotations

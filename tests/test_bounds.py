@@ -21,11 +21,10 @@ from celery_ext.bounds import (
     AmqpChannel,
     BatchQueueFull,
     Bounds,
-    RedisChannel,
-    RedissTransport,
     shed_count,
 )
 from celery_ext.local import lane_of
+from celery_ext.redis_transport import RedisChannel, RedissTransport
 
 PRIORITY_SEP = "\x06\x16"
 
@@ -461,8 +460,8 @@ def test_queue_limits_task_and_call_bounds_apply_on_the_local_lane(unique_queue:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("redis://127.0.0.1:6379/3", "celery_ext.bounds:RedisTransport"),
-        ("rediss://127.0.0.1:6380/3", "celery_ext.bounds:RedissTransport"),
+        ("redis://127.0.0.1:6379/3", "celery_ext.redis_transport:RedisTransport"),
+        ("rediss://127.0.0.1:6380/3", "celery_ext.redis_transport:RedissTransport"),
         ("amqp://guest@127.0.0.1//", "celery_ext.bounds:AmqpTransport"),
         ("pyamqp://guest@127.0.0.1//", "celery_ext.bounds:AmqpTransport"),
         ("amqps://guest@127.0.0.1//", "celery_ext.bounds:AmqpsTransport"),
