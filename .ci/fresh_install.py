@@ -85,6 +85,8 @@ def demo(clone: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # Ctrl-C goes to the whole group, as in a terminal
+        # A CI job started in the background inherits SIGINT ignored; a terminal has it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     lines: list[str] = []

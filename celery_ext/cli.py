@@ -111,9 +111,14 @@ def dlq_replay(ctx: click.Context, task_ids: tuple[str, ...], all_: bool) -> Non
 @click.option("--all", "all_", is_flag=True, help="Delete every entry.")
 @click.pass_context
 def dlq_purge(ctx: click.Context, task_ids: tuple[str, ...], all_: bool) -> None:
-    """Delete entries for good."""
-    removed = DeadLetters(_app(ctx)).purge(_ids(task_ids, all_))
+    """Delete entries for good (an unknown id is named and the exit status is 1)."""
+    letters = DeadLetters(_app(ctx))
+    ids = _ids(task_ids, all_)
+    unknown = [task_id for task_id in ids or () if letters.show(task_id) is None]
+    removed = letters.purge(ids)
     click.echo(f"purged {removed} entr{'y' if removed == 1 else 'ies'}")
+    if unknown:
+        raise click.ClickException(f"no dead-lettered task {', '.join(unknown)}")
 
 
 @ext.command(name="status")

@@ -40,11 +40,10 @@ import time
 from typing import Any
 
 from celery import Celery, bootsteps
-from celery.exceptions import ImproperlyConfigured
 from celery.worker import state as worker_state
 
 from ._settings import settings_of
-from .errors import ConfigurationError
+from .errors import ConfigurationError, PoolNotAllowed
 
 __all__ = ["LANE_URL", "LaneWorker", "apply_task_options", "is_lossy", "lossy_tasks"]
 
@@ -149,10 +148,16 @@ class LaneWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.enabled:
             pool = w.pool_cls
             if "prefork" in str(getattr(pool, "__module__", pool)):
-                raise ImproperlyConfigured(
-                    f"celery_ext: {', '.join(lossy_tasks(w.app))} are durable=False and run on "
-                    "this process's local lane, which prefork children cannot reach: run "
-                    "this worker with -P threads, solo or gevent (or make them durable)"
+                names = lossy_tasks(w.app)
+                which = (
+                    f"the task {names[0]} is durable=False and runs"
+                    if len(names) == 1
+                    else f"the tasks {', '.join(names)} are durable=False and run"
+                )
+                raise PoolNotAllowed(
+                    f"celery_ext: {which} on this process's local lane, which prefork "
+                    "children cannot reach: run this worker with "
+                    "-P threads, -P solo or -P gevent (or make them durable)"
                 )
         super().__init__(w, **kwargs)
 

@@ -14,8 +14,10 @@ Every error the plugin raises derives from :class:`CeleryExtError`, so one
      │    │                                     raised inside a task at its soft limit
      │    └── DrainInterrupted                  ... and at a warm shutdown's drain deadline
      ├── HandedBack (also Celery's Reject)      a drain gave an interrupted task back
-     └── PortInUse (also ConfigurationError, click.ClickException)
-                                                a probe or metrics port is taken
+     ├── PortInUse (also ConfigurationError, click.ClickException)
+     │                                          a probe or metrics port is taken
+     └── PoolNotAllowed (also Celery's ImproperlyConfigured, click.ClickException)
+                                                prefork with the local lane
 
 Example::
 
@@ -30,7 +32,7 @@ Example::
 from __future__ import annotations
 
 import click
-from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery.exceptions import ImproperlyConfigured, Reject, SoftTimeLimitExceeded
 
 __all__ = [
     "CeleryExtError",
@@ -39,6 +41,7 @@ __all__ = [
     "HandedBack",
     "LaneNotInstalled",
     "MessageTooLarge",
+    "PoolNotAllowed",
     "PortInUse",
     "QueueFull",
     "RetryAfter",
@@ -226,6 +229,26 @@ class PortInUse(ConfigurationError, click.ClickException):
 
     def __reduce__(self) -> tuple[type[PortInUse], tuple[str, str, int, str]]:
         return (type(self), (self.flag, self.host, self.port, self.reason))
+
+
+class PoolNotAllowed(ImproperlyConfigured, click.ClickException, CeleryExtError):  # type: ignore[misc]
+    """The worker's pool cannot reach the local lane (prefork); the worker does not start.
+
+    ``celery worker`` prints it as one line (``Error: ...``) and exits with
+    status 1; elsewhere it is Celery's ``ImproperlyConfigured``.
+
+    Example::
+
+        celery -A shop worker -P prefork   # shop.ping is durable=False:
+        # Error: celery_ext: the task shop.ping is durable=False ... run this worker with -P threads
+    """
+
+    def __init__(self, message: str) -> None:
+        ImproperlyConfigured.__init__(self, message)
+        click.ClickException.__init__(self, message)
+
+    def __reduce__(self) -> tuple[type[PoolNotAllowed], tuple[str]]:
+        return (type(self), (self.message,))
 
 
 class RetryAfter(CeleryExtError):

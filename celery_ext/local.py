@@ -68,7 +68,7 @@ from kombu.utils.imports import symbol_by_name
 
 from . import bounds
 from ._settings import Settings, settings_of
-from .errors import LaneNotInstalled, QueueFull
+from .errors import LaneNotInstalled, PoolNotAllowed, QueueFull
 from .sizes import SizeLimited
 from .timeouts import TimeoutPool
 
@@ -884,8 +884,8 @@ class LaneGuard(bootsteps.Step):  # type: ignore[misc]
         pool = getattr(w, "pool_cls", None)
         module = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
         if is_local(w.app) and module.rsplit(".", 1)[-1] in ("prefork", "processes"):
-            raise ImproperlyConfigured(
-                "the local lane (local://) lives in this process's memory and prefork "
+            raise PoolNotAllowed(
+                "celery_ext: the local lane (local://) lives in this process's memory and prefork "
                 "children cannot reach it; start the worker with -P threads, -P solo or "
                 "-P gevent (or use LocalWorker, which runs threads)"
             )

@@ -78,7 +78,11 @@ def test_dlq_list_show_replay_purge(dlq_app: Celery) -> None:
     assert [json.loads(m)["headers"]["id"] for m in raw] == [ids[0]]  # queued to run again
 
     assert cli(dlq_app, "purge").returncode != 0  # ids or --all, never a silent purge-all
+    unknown = cli(dlq_app, "purge", ids[1], "nope")  # the known one goes, the unknown is named
+    assert unknown.returncode == 1 and "purged 1 entry" in unknown.stdout, unknown
+    assert "no dead-lettered task nope" in unknown.stderr, unknown.stderr
+    assert [e["id"] for e in dead.list()] == [ids[2]]
     purged = cli(dlq_app, "purge", "--all")
-    assert purged.returncode == 0 and "purged 2 entries" in purged.stdout
+    assert purged.returncode == 0 and "purged 1 entry" in purged.stdout
     assert dead.list() == []
     assert "no dead-lettered tasks" in cli(dlq_app, "list").stdout
