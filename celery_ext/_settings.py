@@ -26,9 +26,24 @@ from celery import Celery
 
 from .errors import ConfigurationError
 
-__all__ = ["PREFIX", "Settings", "settings_of"]
+__all__ = ["PREFIX", "Settings", "settings_of", "task_label"]
 
 PREFIX = "celery_ext_"
+
+
+def task_label(obj: Any) -> str:
+    """How an error names a task: its name, or for a function not yet a task the name
+    Celery will give it (``module.function``).
+
+    Example::
+
+        task_label(send)   # 'shop.send', with @app.task above or below the decorator
+    """
+    name = getattr(obj, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    module, function = getattr(obj, "__module__", None), getattr(obj, "__name__", None)
+    return f"{module}.{function}" if module and function else repr(obj)
 
 FullPolicy = Literal["block", "raise", "shed"]
 _POLICIES: tuple[str, ...] = ("block", "raise", "shed")

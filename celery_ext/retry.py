@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+from ._settings import task_label
 from .errors import ConfigurationError, RetryAfter
 
 __all__ = [
@@ -531,8 +532,7 @@ def retry(
     )
 
     def decorate(obj: Any) -> Any:
-        name = getattr(obj, "name", None) or getattr(obj, "__name__", repr(obj))
-        policy.check(f"task {name!r}")
+        policy.check(f"task {task_label(obj)!r}")
         if hasattr(obj, "apply_async"):  # already a task
             from ._retrying import attach
 

@@ -61,6 +61,7 @@ from celery.concurrency.gevent import TaskPool as GeventPool
 from celery.worker import state as worker_state
 
 from . import aio
+from ._settings import task_label
 from .errors import ConfigurationError, DrainInterrupted, TaskTimeout
 
 __all__ = ["TimeoutPool", "Timeouts", "remaining", "timeout"]
@@ -140,8 +141,7 @@ def timeout(hard: float | timedelta | None = None, soft: float | timedelta | Non
     """
 
     def decorate(obj: F) -> F:
-        name = getattr(obj, "name", None) or getattr(obj, "__name__", repr(obj))
-        where = f"task {name!r}"
+        where = f"task {task_label(obj)!r}"
         hard_s = _seconds(where, "timeout", hard)
         soft_s = _seconds(where, "soft_timeout", soft)
         _check_pair(where, hard_s, soft_s)

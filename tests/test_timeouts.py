@@ -176,7 +176,8 @@ def test_bad_values_fail_at_decoration_naming_the_task_and_option() -> None:
 
     def f() -> None: ...
 
-    with pytest.raises(ConfigurationError, match=r"task 'f'.*timeout=-1"):
+    # Below @app.task the decorator sees a function: it is named as Celery will name it.
+    with pytest.raises(ConfigurationError, match=rf"task '{__name__}\.f'.*timeout=-1"):
         celery_ext.timeout(-1)(f)
     with pytest.raises(ConfigurationError, match=r"soft_timeout=5 must be smaller than timeout=2"):
         celery_ext.timeout(2, soft=5)(f)
