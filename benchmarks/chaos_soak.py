@@ -55,7 +55,7 @@ def soak(
                             app="tests.apps.combined_app",
                             publish=functools.partial(publish_combined, stock=stock, seed=n),
                             lossy=pool != "prefork",
-                            faults=("term", "kill"),
+                            faults=("term", "kill", "cut"),
                             every_s=(0.7, 1.5),
                             min_age_s=2.0,
                             chaos_until=0.9,

@@ -362,7 +362,7 @@ BENCHES = [
     Bench(
         "chaos_combined",
         "chaos_soak.py",
-        "every feature at once under SIGTERM and SIGKILL, four pools, beside stock Celery",
+        "every feature at once under SIGTERM, SIGKILL, a broker cut; four pools, beside stock",
         {"": ["--combined", "--rounds", "1", "--tasks", "1000", "--deadline", "180"]},
         {"": ["--combined"]},
         render_chaos_soak,
