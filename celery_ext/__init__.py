@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import ipaddress
 import typing
 
 import click
@@ -107,14 +108,29 @@ __version__ = "0.1.0"
 
 _STOCK_AMQP = "celery.app.amqp:AMQP"
 
+
+def _ip_address(ctx: Any, param: Any, value: str | None) -> str | None:
+    """Click callback: ``--probe-address`` / ``--metrics-address`` must be an IP."""
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an IP address (127.0.0.1, 0.0.0.0, ::)"
+        ) from None
+
+
 #: ``celery worker`` options install() adds: flag, type, help.
 _WORKER_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("--prefetch-limit", click.IntRange(min=1), "most messages this worker holds at once."),
     ("--prefetch-bytes", click.IntRange(min=1), "most message body bytes held at once."),
     ("--drain-timeout", click.FloatRange(min=0), "seconds a warm shutdown waits for tasks."),
-    ("--probe-port", click.IntRange(0, 65535), "serve /ready and /live on 127.0.0.1:PORT."),
+    ("--probe-port", click.IntRange(0, 65535), "serve /ready and /live on PORT."),
+    ("--probe-address", click.STRING, "the probes' IP (127.0.0.1; 0.0.0.0: all)."),
     ("--probe-file", click.STRING, "keep FILE while ready, refreshed at every loop beat."),
-    ("--metrics-port", click.IntRange(0, 65535), "serve Prometheus /metrics on 127.0.0.1:PORT."),
+    ("--metrics-port", click.IntRange(0, 65535), "serve Prometheus /metrics on PORT."),
+    ("--metrics-address", click.STRING, "the metrics' IP (127.0.0.1; 0.0.0.0: all)."),
 )
 
 
@@ -158,7 +174,10 @@ def install(app: Celery, **overrides: Any) -> Settings:
     app.steps["consumer"].add(metrics.Section)
     app.steps["consumer"].add(intake.Intake)
     for flag, kind, help_text in _WORKER_OPTIONS:  # each reaches the steps as a keyword
-        option = click.Option([flag], type=kind, default=None, help=f"celery_ext: {help_text}")
+        check = _ip_address if flag.endswith("-address") else None
+        option = click.Option(
+            [flag], type=kind, default=None, callback=check, help=f"celery_ext: {help_text}"
+        )
         app.user_options["worker"].add(option)
     if app.amqp_cls == _STOCK_AMQP and "amqp" not in app.__dict__:
         app.amqp_cls = "celery_ext.local:LaneAMQP"  # a faster publish path on local://

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -45,6 +46,7 @@ def task_label(obj: Any) -> str:
     module, function = getattr(obj, "__module__", None), getattr(obj, "__name__", None)
     return f"{module}.{function}" if module and function else repr(obj)
 
+
 FullPolicy = Literal["block", "raise", "shed"]
 _POLICIES: tuple[str, ...] = ("block", "raise", "shed")
 
@@ -71,6 +73,15 @@ def _optional_port(key: str, value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ConfigurationError(f"{PREFIX}{key}={value!r}: expected a port 0..65535 or None")
     return value
+
+
+def _address(key: str, value: object) -> str:
+    try:
+        return str(ipaddress.ip_address(value if isinstance(value, str) else ""))
+    except ValueError:
+        raise ConfigurationError(
+            f"{PREFIX}{key}={value!r}: expected an IP address (127.0.0.1, 0.0.0.0, ::)"
+        ) from None
 
 
 def _optional_path(key: str, value: object) -> str | None:
@@ -139,9 +150,11 @@ _CHECKS = {
     "dead_letter_queue": _queue_name,
     "max_message_bytes": _optional_positive_int,
     "probe_port": _optional_port,
+    "probe_address": _address,
     "probe_file": _optional_path,
     "probe_stale_after": _duration,
     "metrics_port": _optional_port,
+    "metrics_address": _address,
     "leases": _bool,
     "lease_interval": _duration,
     "dead_worker_after": _duration,
@@ -183,9 +196,11 @@ class Settings:
       (on the local lane too, when it is tighter than ``lane_max_queued``).
     - ``queue_block_timeout``: seconds a blocked publish waits for room.
     - ``probe_port`` / ``probe_file``: readiness and liveness on
-      127.0.0.1:port (0: any free port) or as a file (see :mod:`celery_ext.probes`).
+      ``probe_address``:port (0: any free port) or as a file (see :mod:`celery_ext.probes`).
+    - ``probe_address`` / ``metrics_address``: the IP the probe / metrics server
+      listens on: ``127.0.0.1`` (default), ``0.0.0.0`` or ``::`` for a pod's IP.
     - ``probe_stale_after``: seconds without an event-loop beat before liveness fails.
-    - ``metrics_port``: serve Prometheus metrics on 127.0.0.1:port/metrics (0: any
+    - ``metrics_port``: serve Prometheus metrics on ``metrics_address``:port/metrics (0: any
       free port; see :mod:`celery_ext.metrics`).
     - ``leases``: on Redis, renew the lease of held messages while the worker
       lives and recover a dead worker's (see :mod:`celery_ext.leases`).
@@ -223,9 +238,11 @@ class Settings:
     dead_letter_queue: str = "celery_ext.dead_letters"
     max_message_bytes: int | None = None
     probe_port: int | None = None
+    probe_address: str = "127.0.0.1"
     probe_file: str | None = None
     probe_stale_after: float = 30.0
     metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
     leases: bool = True
     lease_interval: float = 5.0
     dead_worker_after: float = 15.0

@@ -205,30 +205,39 @@ class HandedBack(Reject, CeleryExtError):  # type: ignore[misc]
 
 
 class PortInUse(ConfigurationError, click.ClickException):
-    """A worker's probe or metrics port cannot be bound; the worker does not start.
+    """A worker's probe or metrics server cannot listen; the worker does not start.
 
-    ``celery worker`` prints it as one line (``Error: ...``) and exits with
-    status 1; elsewhere it is a :class:`ConfigurationError`.
+    The port is taken (``taken``, the flag is the port's), or the address is not
+    one of this host's (the flag is the address's). ``celery worker`` prints it as
+    one line (``Error: ...``) and exits with status 1; elsewhere it is a
+    :class:`ConfigurationError`.
 
     Example::
 
         celery -A shop worker --metrics-port 9808   # a second time on this host:
-        # Error: celery_ext: --metrics-port 9808: 127.0.0.1:9808 is already in use ...
+        # Error: celery_ext: --metrics-port 9808: cannot listen on 127.0.0.1:9808 ...
     """
 
-    def __init__(self, flag: str, host: str, port: int, reason: object) -> None:
+    def __init__(self, flag: str, host: str, port: int, reason: object, taken: bool = True) -> None:
         self.flag, self.host, self.port, self.reason = flag, host, port, str(reason)
+        self.taken = taken
         setting = "celery_ext_" + flag.lstrip("-").replace("-", "_")
-        message = (
-            f"celery_ext: {flag} {port}: cannot listen on {host}:{port} ({reason}); "
-            f"another process (a second worker?) has it: give each worker its own "
-            f"{flag} ({setting})"
-        )
+        if taken:
+            message = (
+                f"celery_ext: {flag} {port}: cannot listen on {host}:{port} ({reason}); "
+                f"another process (a second worker?) has it: give each worker its own "
+                f"{flag} ({setting})"
+            )
+        else:
+            message = (
+                f"celery_ext: {flag} {host}: cannot listen on {host}:{port} ({reason}); "
+                f"give an address of this host, 0.0.0.0 or :: for all ({setting})"
+            )
         ConfigurationError.__init__(self, message)
         click.ClickException.__init__(self, message)
 
-    def __reduce__(self) -> tuple[type[PortInUse], tuple[str, str, int, str]]:
-        return (type(self), (self.flag, self.host, self.port, self.reason))
+    def __reduce__(self) -> tuple[type[PortInUse], tuple[str, str, int, str, bool]]:
+        return (type(self), (self.flag, self.host, self.port, self.reason, self.taken))
 
 
 class PoolNotAllowed(ImproperlyConfigured, click.ClickException, CeleryExtError):  # type: ignore[misc]

@@ -24,7 +24,8 @@ and solo pools, ``worker-celery_ext-drain-finished`` (the report's counts;
 prefork and gevent report after the event connection closed).
 
 With ``--metrics-port`` (or ``celery_ext_metrics_port``) the same numbers are
-served as Prometheus text on ``127.0.0.1:PORT/metrics`` (prometheus_client),
+served as Prometheus text on ``127.0.0.1:PORT/metrics`` (prometheus_client; other
+paths answer 404; ``--metrics-address 0.0.0.0`` for a scrape of the pod's IP),
 names prefixed ``celery_ext_``, counters ending in ``_total``; a port another
 process holds stops the worker's start (:class:`~celery_ext.errors.PortInUse`).
 
@@ -47,8 +48,9 @@ from celery.exceptions import Retry, TimeLimitExceeded
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
+from ._http import listen, url_of
 from ._settings import settings_of
-from .errors import HandedBack, PortInUse
+from .errors import HandedBack
 
 __all__ = ["CountingRequest", "Section", "counters_of", "section"]
 
@@ -255,9 +257,16 @@ class Section(bootsteps.StartStopStep):  # type: ignore[misc]
     name = "celery_ext.metrics.Section"
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
-    def __init__(self, c: Any, metrics_port: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        c: Any,
+        metrics_port: int | None = None,
+        metrics_address: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         settings = settings_of(c.app)
         self.port = settings.metrics_port if metrics_port is None else metrics_port
+        self.address = settings.metrics_address if metrics_address is None else metrics_address
         self.server: Any = None
         self.consumer: Any = None
         super().__init__(c, **kwargs)
@@ -270,16 +279,27 @@ class Section(bootsteps.StartStopStep):  # type: ignore[misc]
         self.consumer = c
 
     def _serve(self, port: int) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.exposition import MetricsHandler
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(self))
-        try:
-            self.server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
-        except OSError as exc:
-            raise PortInUse("--metrics-port", "127.0.0.1", port, exc.strerror or exc) from exc
+        serve_metrics = MetricsHandler.factory(registry)
+
+        class Handler(serve_metrics):  # type: ignore[misc, valid-type]
+            def do_GET(self) -> None:
+                # prometheus_client answers every path; a typo should not look healthy.
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404, "try /metrics")
+                    return
+                super().do_GET()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # scraped every few seconds: keep the worker log quiet
+
+        self.server = listen("--metrics-port", "--metrics-address", self.address, port, Handler)
         self.port = self.server.server_address[1]
-        logger.info("celery_ext: Prometheus metrics on http://127.0.0.1:%d/metrics", self.port)
+        logger.info("celery_ext: Prometheus metrics on %s/metrics", url_of(self.server))
 
     def shutdown(self, c: Any) -> None:
         if self.server is not None:

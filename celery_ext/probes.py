@@ -11,7 +11,9 @@ settings):
   call stops it).
 
 HTTP: ``GET /ready`` and ``GET /live`` answer 200 or 503 with a small JSON
-body; the server binds 127.0.0.1 only, as the worker is built: a port another
+body; the server binds ``--probe-address`` (127.0.0.1 by default; ``0.0.0.0`` for a
+Kubernetes ``httpGet`` probe, which the kubelet sends to the pod's IP) as the worker
+is built: a port another
 process holds stops the worker's start with :class:`~celery_ext.errors.PortInUse`
 (one ``Error:`` line naming the flag and the port). File: the file exists while the worker
 is ready and its mtime is refreshed at every beat, so an exec probe can check
@@ -29,15 +31,14 @@ import contextlib
 import json
 import logging
 import os
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from celery import bootsteps
 
+from ._http import listen, url_of
 from ._settings import settings_of
-from .errors import PortInUse
 
 __all__ = ["Probes"]
 
@@ -60,10 +61,12 @@ class Probes(bootsteps.StartStopStep):  # type: ignore[misc]
         c: Any,
         probe_port: int | None = None,
         probe_file: str | None = None,
+        probe_address: str | None = None,
         **kwargs: Any,
     ) -> None:
         settings = settings_of(c.app)
         self.port = settings.probe_port if probe_port is None else probe_port
+        self.address = settings.probe_address if probe_address is None else probe_address
         self.path = settings.probe_file if probe_file is None else probe_file
         self.stale_after_s = settings.probe_stale_after
         self.enabled = self.port is not None or self.path is not None
@@ -177,13 +180,6 @@ class Probes(bootsteps.StartStopStep):  # type: ignore[misc]
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # orchestrators poll often: keep the worker log quiet
 
-        try:
-            self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        except OSError as exc:
-            raise PortInUse("--probe-port", "127.0.0.1", port, exc.strerror or exc) from exc
-        self.server.daemon_threads = True
+        self.server = listen("--probe-port", "--probe-address", self.address, port, Handler)
         self.port = self.server.server_address[1]
-        threading.Thread(
-            target=self.server.serve_forever, name="celery_ext-probes", daemon=True
-        ).start()
-        logger.info("celery_ext: probes on http://127.0.0.1:%d/ready and /live", self.port)
+        logger.info("celery_ext: probes on %s/ready and /live", url_of(self.server))

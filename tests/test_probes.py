@@ -23,10 +23,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def probe(port: int, path: str) -> int:
+def probe(port: int, path: str, host: str = "127.0.0.1") -> int:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            json.loads(response.read())
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=2) as response:
+            if path != "/metrics":
+                json.loads(response.read())
             return int(response.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
@@ -98,3 +99,52 @@ def test_a_taken_port_stops_the_start_with_one_line_naming_flag_and_port(
     assert len(errors) == 1, done.stderr
     assert f"{flag} {port}: cannot listen on 127.0.0.1:{port}" in errors[0]
     assert "Traceback" not in done.stderr and "Connection to broker lost" not in done.stderr
+
+
+def test_probes_and_metrics_bound_beyond_loopback_answer_on_another_address(run: Run) -> None:
+    # A kubelet probes, and Prometheus scrapes, the pod's IP: bound to 0.0.0.0 the
+    # servers answer on every address of the host. Reached here as 127.0.0.2 (an
+    # address the default 127.0.0.1 bind does not answer on), never an external one.
+    probes, metrics = free_port(), free_port()
+    run.start(
+        "--probe-port", str(probes), "--probe-address", "0.0.0.0",
+        "--metrics-port", str(metrics), "--metrics-address", "0.0.0.0",
+    )  # fmt: skip
+    wait_for(lambda: probe(probes, "/ready", host="127.0.0.2") == 200)
+    assert probe(probes, "/live", host="127.0.0.2") == 200
+    with urllib.request.urlopen(f"http://127.0.0.2:{metrics}/metrics", timeout=5) as response:
+        assert "celery_ext_held" in response.read().decode()
+    assert probe(metrics, "/nope", host="127.0.0.2") == 404  # a typo does not look healthy
+    assert probe(metrics, "/", host="127.0.0.2") == 404
+
+
+def test_by_default_probes_and_metrics_answer_on_loopback_only(run: Run) -> None:
+    probes, metrics = free_port(), free_port()
+    run.start("--probe-port", str(probes), "--metrics-port", str(metrics))
+    wait_for(lambda: probe(probes, "/ready") == 200)
+    assert probe(metrics, "/metrics") == 200 and probe(metrics, "/other") == 404
+    assert probe(probes, "/ready", host="127.0.0.2") == 0  # nothing listens there
+    assert probe(metrics, "/metrics", host="127.0.0.2") == 0
+
+
+@pytest.mark.parametrize(
+    ("address", "status", "expected"),
+    [
+        ("nope", 2, "Invalid value for '--probe-address': 'nope' is not an IP address"),
+        # TEST-NET-1 (RFC 5737): no host has it, so nothing can bind it; no traffic is sent.
+        ("192.0.2.1", 1, "--probe-address 192.0.2.1: cannot listen on 192.0.2.1:"),
+    ],
+)
+def test_a_bad_probe_address_stops_the_start_with_one_line(
+    run: Run, address: str, status: int, expected: str
+) -> None:
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "tests.apps.drain_app", "worker",
+        "-P", "threads", "-Q", run.queue, "--probe-port", str(free_port()),
+        "--probe-address", address, "-l", "WARNING", "--without-mingle", "--without-gossip",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=run.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == status, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and expected in errors[0], done.stderr
+    assert "Traceback" not in done.stderr

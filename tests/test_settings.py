@@ -68,6 +68,8 @@ def test_misspelt_override_is_refused_too() -> None:
         ("dead_letter_queue", 5, "a queue name"),
         ("park_prefix", "", "a queue name"),
         ("probe_port", 70000, "a port"),
+        ("probe_address", "localhost", "an IP address"),
+        ("metrics_address", 0, "an IP address"),
         ("probe_file", "", "a file path"),
         ("max_message_bytes", 0, "integer >= 1"),
         ("max_message_bytes", "1MB", "integer >= 1"),
