@@ -363,7 +363,7 @@ BENCHES = [
         "chaos_combined",
         "chaos_soak.py",
         "every feature at once under SIGTERM, SIGKILL, a broker cut; four pools, beside stock",
-        {"": ["--combined", "--rounds", "1", "--tasks", "1000", "--deadline", "180"]},
+        {"": ["--combined", "--rounds", "1", "--tasks", "1000", "--deadline", "120"]},
         {"": ["--combined"]},
         render_chaos_soak,
         default=False,

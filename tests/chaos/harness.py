@@ -322,12 +322,14 @@ class Workers:
                 self.drains[proc.pid] = time.monotonic() - self.termed[proc.pid]
 
     def stop_all(self, timeout: float = 30) -> list[int]:
+        """SIGTERM the live workers; SIGKILL whatever still runs ``timeout`` s later."""
         for proc in self.live():
             self.term(proc)
+        deadline = time.monotonic() + timeout  # one for all: stuck workers wait together
         codes = []
         for proc in self.procs:
             try:
-                codes.append(proc.wait(timeout=timeout))
+                codes.append(proc.wait(timeout=max(0.0, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 codes.append(proc.wait())
