@@ -1,12 +1,16 @@
-"""An HTTP service that answers 202 at once and sends emails in the background.
+"""An ASGI service (Starlette on uvicorn) that answers 202 at once and sends emails
+in the background, or 503 at once when its queue is full: never a hanging client.
 
-Shows the local lane (``local://``) doing the "accept, enqueue, answer fast"
-job of a web app with no broker server: an embedded :class:`celery_ext.LocalWorker`
-runs the tasks in this process, the lane is bounded (``--max-queued``) and a
-full lane makes ``.delay()`` raise :class:`celery_ext.QueueFull`, turned here
-into ``503`` with ``Retry-After``. Ctrl-C or SIGTERM stops taking requests,
-drains the queued emails (``--drain-timeout``) and prints what was dropped.
-Standard library HTTP server only; sending is simulated (0.2 s sleep).
+The local lane (``local://``) does the "accept, enqueue, answer fast" job with
+no broker server: a :class:`celery_ext.LocalWorker` started and drained in the
+app's lifespan runs the tasks in this process, the lane is bounded
+(``--max-queued``) and a full lane makes ``.delay()`` raise
+:class:`celery_ext.QueueFull`, answered here with ``503`` and ``Retry-After``.
+Bodies over 16 KiB get ``413``, malformed ones ``400``. Ctrl-C or SIGTERM: uvicorn
+stops taking requests, the lifespan drains the queued emails
+(``--drain-timeout``) and prints what the drain did. Sending is simulated (0.2 s).
+
+Copy the pattern: ``lifespan`` below is all a web app needs.
 
 Run::
 
@@ -22,31 +26,34 @@ Run::
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import signal
+import socket
 import threading
 import time
-from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import MappingProxyType
+from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
+import uvicorn
 from celery import Celery, signals
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 import celery_ext
-from celery_ext.local import Lane, lane_of
+from celery_ext.local import lane_of
 
 SEND_TIME_S = 0.2
 MAX_BURST = 10_000
-NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+MAX_BODY_BYTES = 16 * 1024
 
-Reply = tuple[int, dict[str, Any], dict[str, str]]  # status, JSON body, extra headers
-
-app = Celery("email_service", broker="local://")
+celery_app = Celery("email_service", broker="local://")
 
 
-@app.task  # type: ignore[untyped-decorator]  # celery ships no type hints
+@celery_app.task  # type: ignore[untyped-decorator]  # celery ships no type hints
 def send_email(to: str, subject: str) -> None:
     """Pretend to send an email."""
     time.sleep(SEND_TIME_S)
@@ -56,12 +63,12 @@ def send_email(to: str, subject: str) -> None:
 class Service:
     """Enqueues emails and counts what happened to them."""
 
-    def __init__(self, app: Celery, lane: Lane) -> None:
+    def __init__(self, app: Celery) -> None:
         self.app = app
-        self.lane = lane
+        self.lane = lane_of(app)
         self.queue: str = app.conf.task_default_queue
         self.accepted = self.rejected = self.sent = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # tasks finish on the worker's threads
         signals.task_success.connect(self._on_success, weak=False)
 
     def _on_success(self, sender: Any = None, **_: Any) -> None:
@@ -69,18 +76,18 @@ class Service:
             with self._lock:
                 self.sent += 1
 
-    def enqueue(self, to: str, subject: str) -> Reply:
-        """Try to enqueue one email: 202 with its id, or 503 when the lane is full."""
+    def enqueue(self, to: str, subject: str) -> JSONResponse:
+        """Enqueue one email: 202 with its id, or 503 at once when the lane is full."""
         try:
-            result = send_email.delay(to, subject)
+            result = send_email.delay(to, subject)  # in memory: never waits (policy "raise")
         except celery_ext.QueueFull as exc:
             with self._lock:
                 self.rejected += 1
             body = {"error": "queue full", "queue": exc.queue, "limit": exc.limit}
-            return 503, {**body, "depth": exc.depth}, {"Retry-After": "1"}
+            return JSONResponse({**body, "depth": exc.depth}, 503, {"Retry-After": "1"})
         with self._lock:
             self.accepted += 1
-        return 202, {"id": result.id, "queued": self.lane.depth(self.queue)}, {}
+        return JSONResponse({"id": result.id, "queued": self.lane.depth(self.queue)}, 202)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -88,65 +95,100 @@ class Service:
         return {**counts, "queued": self.lane.depth(self.queue), "limit": self.lane.max_queued}
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: Server
-    timeout = 5  # seconds a slow client may hold a request thread
-
-    def do_POST(self) -> None:
-        url = urlsplit(self.path)
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if url.path == "/emails":
-            self._emails(body)
-        elif url.path == "/burst":
-            self._burst(parse_qs(url.query).get("n", ["200"])[0])
-        else:
-            self._reply(404, {"error": f"no route POST {url.path}"})
-
-    def do_GET(self) -> None:
-        if urlsplit(self.path).path == "/stats":
-            self._reply(200, self.server.service.stats())
-        else:
-            self._reply(404, {"error": f"no route GET {self.path}"})
-
-    def _emails(self, raw: bytes) -> None:
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            return self._reply(400, {"error": f"body is not JSON: {exc}"})
-        fields = ("to", "subject")
-        if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in fields):
-            return self._reply(400, {"error": 'expected {"to": "<str>", "subject": "<str>"}'})
-        self._reply(*self.server.service.enqueue(data["to"], data["subject"]))
-
-    def _burst(self, n: str) -> None:
-        if not n.isdigit() or not 1 <= int(n) <= MAX_BURST:
-            return self._reply(400, {"error": f"n must be an integer in 1..{MAX_BURST}"})
-        service = self.server.service
-        codes = [service.enqueue(f"user{i}@example.com", f"burst {i}")[0] for i in range(int(n))]
-        self._reply(200, {"accepted": codes.count(202), "rejected": codes.count(503)})
-
-    def _reply(
-        self, status: int, body: dict[str, Any], headers: Mapping[str, str] = NO_HEADERS
-    ) -> None:
-        payload = json.dumps(body).encode() + b"\n"
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # keep the console for task output
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status)
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = False  # server_close() waits for requests in flight
+async def read_body(request: Request) -> bytes | JSONResponse:
+    """The body, or 413 past MAX_BODY_BYTES (declared or streamed) without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and not declared.isdigit():
+        return error(400, f"Content-Length {declared!r} is not a number")
+    if declared is not None and int(declared) > MAX_BODY_BYTES:
+        return error(413, f"body over {MAX_BODY_BYTES} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            return error(413, f"body over {MAX_BODY_BYTES} bytes")
+    return body
 
-    def __init__(self, address: tuple[str, int], service: Service) -> None:
-        super().__init__(address, Handler)
-        self.service = service
+
+async def emails(request: Request) -> JSONResponse:
+    body = await read_body(request)
+    if isinstance(body, JSONResponse):
+        return body
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        return error(400, f"body is not JSON: {exc}")
+    fields = ("to", "subject")
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in fields):
+        return error(400, 'expected {"to": "<str>", "subject": "<str>"}')
+    service: Service = request.app.state.service
+    return service.enqueue(data["to"], data["subject"])
+
+
+async def burst(request: Request) -> JSONResponse:
+    n = request.query_params.get("n", "200")
+    if not n.isdigit() or not 1 <= int(n) <= MAX_BURST:
+        return error(400, f"n must be an integer in 1..{MAX_BURST}")
+    service: Service = request.app.state.service
+    codes = [
+        service.enqueue(f"user{i}@example.com", f"burst {i}").status_code for i in range(int(n))
+    ]
+    return JSONResponse({"accepted": codes.count(202), "rejected": codes.count(503)})
+
+
+async def stats(request: Request) -> JSONResponse:
+    service: Service = request.app.state.service
+    return JSONResponse(service.stats())
+
+
+def create_app(args: argparse.Namespace, url: str) -> Starlette:
+    """The web app; its lifespan starts the lane worker and drains it at shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(web: Starlette) -> AsyncIterator[None]:
+        worker = celery_ext.LocalWorker(celery_app, concurrency=args.concurrency).start()
+        flower = celery_ext.start_flower(celery_app, port=args.flower) if args.flower else None
+        web.state.service = service = Service(celery_app)
+        announce(url, flower.url if flower else None)
+        yield
+        # uvicorn has stopped taking requests: let the queued emails go out.
+        if flower:
+            flower.stop()
+        pending = service.accepted - service.sent  # queued or running now
+        sent_before = service.sent
+        print(
+            f"stopping: draining {pending} email(s), up to {args.drain_timeout:g}s ...", flush=True
+        )
+        report = await asyncio.to_thread(worker.stop, timeout=args.drain_timeout)
+        sent, dropped = service.sent - sent_before, report.dropped
+        print(
+            f"drained: sent={sent} dropped={dropped} in {report.waited_s:.1f}s "
+            f"(of {pending} queued or running; {service.sent} sent since start)",
+            flush=True,
+        )
+
+    routes = [
+        Route("/emails", emails, methods=["POST"]),
+        Route("/burst", burst, methods=["POST"]),
+        Route("/stats", stats, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def announce(url: str, flower_url: str | None) -> None:
+    print(f"listening on {url}", flush=True)
+    print(
+        f'  curl -X POST {url}/emails -d \'{{"to": "a@example.com", "subject": "hi"}}\'\n'
+        f"  curl -X POST '{url}/burst?n=200'    # overflows the queue: 503s\n"
+        f"  curl {url}/stats\n"
+        + (f"  Flower: {flower_url}\n" if flower_url else "")
+        + "  Ctrl-C to stop (queued emails are drained first)",
+        flush=True,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -162,42 +204,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    celery_ext.install(app, lane_max_queued=args.max_queued, lane_full_policy="raise")
+    celery_ext.install(celery_app, lane_max_queued=args.max_queued, lane_full_policy="raise")
     if args.flower is not None:
-        app.conf.worker_send_task_events = True
-        app.conf.task_send_sent_event = True
-    service = Service(app, lane_of(app))
-    server = Server((args.host, args.port), service)  # bind first: a busy port fails fast
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        # shutdown() waits for serve_forever(), which runs in this (the main) thread.
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    worker = celery_ext.LocalWorker(app, concurrency=args.concurrency).start()
-    flower = celery_ext.start_flower(app, port=args.flower) if args.flower is not None else None
-    url = f"http://{args.host}:{server.server_address[1]}"
-    print(f"listening on {url}", flush=True)
-    print(
-        f'  curl -X POST {url}/emails -d \'{{"to": "a@example.com", "subject": "hi"}}\'\n'
-        f"  curl -X POST '{url}/burst?n=200'    # overflows the queue: 503s\n"
-        f"  curl {url}/stats\n"
-        + (f"  Flower: {flower.url}\n" if flower else "")
-        + "  Ctrl-C to stop (queued emails are drained first)",
-        flush=True,
-    )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    if flower:
-        flower.stop()
-    print(f"stopping: draining up to {args.drain_timeout:g}s ...", flush=True)
-    report = worker.stop(timeout=args.drain_timeout)
-    sent, dropped, waited = service.sent, report.dropped, report.waited_s
-    print(f"drained: sent={sent} dropped={dropped} in {waited:.1f}s", flush=True)
+        celery_app.conf.worker_send_task_events = True
+        celery_app.conf.task_send_sent_event = True
+    # Bound here (a busy port fails at once, --port 0 is known before the lifespan runs),
+    # with a backlog for thousands of clients arriving at once.
+    sock = socket.create_server((args.host, args.port), backlog=4096)
+    url = f"http://{args.host}:{sock.getsockname()[1]}"
+    config = uvicorn.Config(create_app(args, url), log_level="warning", lifespan="on")
+    # uvicorn handles Ctrl-C and SIGTERM (a graceful shutdown, then the lifespan's
+    # drain) and raises the signal again once done, for the handlers it found: make
+    # those no-ops, so a drained service exits with status 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

@@ -7,6 +7,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -84,6 +85,15 @@ class Demo:
                 return exc.code, json.loads(exc.read()), exc.headers
 
 
+def raw_status(url: str, head_rest: bytes) -> int:
+    """The status of a hand-written POST /emails (headers after Host, then any body)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /emails HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + head_rest)
+        reply = conn.recv(200)
+    return int(reply.split(b" ", 2)[1])
+
+
 @pytest.fixture
 def demo() -> Iterator[Demo]:
     started = Demo("--port", "0", "--max-queued", "5", "--concurrency", "1")
@@ -123,6 +133,13 @@ def test_demo_accepts_sheds_and_drains(demo: Demo) -> None:
     assert status == 400 and "error" in body
     status, body, _ = demo.request("POST", "/emails", b'{"to": "a@example.com"}')
     assert status == 400 and "error" in body
+    # 5 MB declared: 413 before the body is read (a client still sending sees a reset).
+    assert raw_status(demo.url, b"Content-Length: 5242880\r\n\r\n" + b"x" * 1024) == 413
+    assert raw_status(demo.url, b"Content-Length: abc\r\n\r\n") == 400
+    # A body streamed without a length is cut off once it is too big.
+    chunk = b"4000\r\n" + b"x" * 0x4000 + b"\r\n"  # 16 KiB, then 16 bytes more
+    chunked = b"Transfer-Encoding: chunked\r\n\r\n" + chunk + b"10\r\n" + b"x" * 16 + b"\r\n"
+    assert raw_status(demo.url, chunked + b"0\r\n\r\n") == 413
 
     status, stats, _ = demo.request("GET", "/stats")
     assert status == 200
@@ -138,8 +155,13 @@ def test_demo_accepts_sheds_and_drains(demo: Demo) -> None:
         pytest.fail(f"demo still running {EXIT_TIMEOUT_S}s after SIGTERM")
     output = demo.wait_for_eof(EXIT_TIMEOUT_S)
     assert code == 0, output
-    match = re.search(r"^drained: sent=(\d+) dropped=(\d+) in \d+\.\ds$", output, re.MULTILINE)
+    line = (
+        r"^drained: sent=(\d+) dropped=(\d+) in \d+\.\ds \(of (\d+) queued or running; (\d+) sent"
+    )
+    match = re.search(line, output, re.MULTILINE)
     assert match, output
-    sent, dropped = int(match.group(1)), int(match.group(2))
-    # Every accepted email was either sent during the drain or reported as dropped.
-    assert sent + dropped == stats["accepted"], output
+    sent, dropped, pending, total = map(int, match.groups())
+    # The drain's own figures: what was waiting when it began was sent or dropped ...
+    assert sent + dropped == pending, output
+    # ... and every accepted email was sent at some point or reported as dropped.
+    assert total + dropped == stats["accepted"], output
