@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -98,6 +99,14 @@ class _LaneParking:
     def move_due(self, limit: int = 1000) -> int:
         return 0
 
+    def parked(self, queue: str) -> int:
+        return int(self.lane.parked(queue))
+
+
+#: Seconds between two counts of RabbitMQ's parked messages (one passive declare
+#: per delay level, 28 of them).
+_COUNT_PARKED_EVERY_S = 5.0
+
 
 class _AmqpMover:
     """Moves due parked messages on RabbitMQ (:meth:`AmqpParking.move_due`) every
@@ -110,6 +119,7 @@ class _AmqpMover:
 
     def __init__(self, app: Any, prefix: str, interval_s: float) -> None:
         self.app, self.prefix, self.interval_s = app, prefix, interval_s
+        self.parked: int | None = None  # messages in the delay levels, at the last count
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="celery_ext-mover", daemon=True)
         self._thread.start()
@@ -117,12 +127,16 @@ class _AmqpMover:
     def _run(self) -> None:
         connection: Any = None
         parking: AmqpParking | None = None
+        next_count = 0.0
         while not self._stopping.is_set():
             try:
                 if parking is None:
                     connection = self.app.connection_for_write()
                     parking = AmqpParking(connection.channel(), prefix=self.prefix)
                 parking.move_due()
+                if time.monotonic() >= next_count:
+                    self.parked = parking.parked_all()
+                    next_count = time.monotonic() + _COUNT_PARKED_EVERY_S
             except Exception:  # what it took and did not ack goes back to the due queue
                 logger.warning("celery_ext: moving parked messages failed", exc_info=True)
                 parking = None
@@ -267,6 +281,27 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
             c.qos.value = min(int(c.qos.max_prefetch or QOS_MAX), new + eta)
             c._maximum_prefetch_restored = new >= window
 
+    def parked_now(self, c: Any) -> int | None:
+        """Messages parked for this worker's queues now, by anyone (a producer too).
+
+        On RabbitMQ the mover's last count (at most 5 s old) of every message under
+        ``park_prefix``; None without a parking store.
+
+        Example::
+
+            step.parked_now(consumer)   # what `ext status` shows as PARKED
+        """
+        store = self.store
+        if isinstance(store, AmqpParking):
+            return self.mover.parked if self.mover is not None else None
+        if store is None:
+            return None
+        queues = [q.name for q in getattr(c.task_consumer, "queues", None) or []]
+        try:
+            return sum(int(store.parked(name)) for name in queues)
+        except Exception:  # the broker is away: no figure rather than a wrong one
+            return None
+
     def _move_due(self) -> None:
         try:
             self.store.move_due()
@@ -380,6 +415,7 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
             "held_bytes_peak": self.budget.peak if self.budget else None,
             "bytes_requeued": self.budget.requeued if self.budget else 0,
             "eta_held": eta_held,
+            "parked_now": self.parked_now(c),
             "parked_total": self.parked,
             "park_errors": self.park_errors,
             "queue_limits": dict(settings.queue_limits),

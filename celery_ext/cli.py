@@ -66,6 +66,10 @@ def dlq_list(ctx: click.Context) -> None:
     _table(rows)
 
 
+def _figure(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
 def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
@@ -160,7 +164,7 @@ def status(ctx: click.Context, timeout: float, as_json: bool) -> None:
                 f"{section.get('held', '-')}/{section.get('prefetch_limit', '-')}",
                 str(section.get("active", "-")),
                 str(section.get("eta_held", "-")),
-                str(section.get("parked_total", "-")),
+                _figure(section.get("parked_now")),
                 str(tasks.get("succeeded", 0)),
                 str(tasks.get("failed", 0)),
                 str(tasks.get("retried", 0)),

@@ -446,6 +446,15 @@ class AmqpParking:
             parking.parked("celery")
         """
         _keys(queue, 0)  # the same check as park's
+        return self.parked_all()
+
+    def parked_all(self) -> int:
+        """Messages waiting in this prefix's delay queues, for any queue.
+
+        Example::
+
+            parking.parked_all()
+        """
         self._declare()
         return sum(
             int(self.channel.queue_declare(name, passive=True).message_count)

@@ -333,6 +333,7 @@ class _Collector:
             "eta_held": "ETA/countdown messages held in the worker.",
             "qos": "The broker prefetch count in effect.",
             "held_bytes": "Body bytes of held messages (with a byte cap).",
+            "parked_now": "Messages parked for this worker's queues (RabbitMQ: under its prefix).",
         }
         for key, doc in gauges.items():
             value = data.get(key)

@@ -328,3 +328,27 @@ def test_after_a_reconnect_the_prefetch_grows_back_from_the_consumer_thread(
                 conn.default_channel.exchange_delete(unique_queue)
             app.close()
     assert not [name for name in callers if name.startswith("celery_ext-pool")], callers
+
+
+def test_parked_counts_what_a_producer_parked_in_status_and_metrics(app: Celery) -> None:
+    # Countdowns past the horizon are parked by the producer itself: the worker never
+    # touched them, so its counter of parks stays 0; what is parked now is counted.
+    celery_ext.install(app)
+
+    @app.task(shared=False, name=f"bp.later.{uuid.uuid4().hex[:6]}")
+    def later() -> None: ...
+
+    for _ in range(3):
+        later.apply_async(countdown=3600)
+    with embedded_worker(app) as worker:
+        hostname = worker.hostname
+
+        def parked() -> Any:
+            return inspect_stats(app, hostname)["celery_ext"]["parked_now"]
+
+        # RabbitMQ: the mover counts every 5 s.
+        wait_for(lambda: parked() == 3, timeout=15)
+        section = inspect_stats(app, hostname)["celery_ext"]
+        assert section["parked_total"] == 0 and section["eta_held"] == 0
+        later.apply_async(countdown=3600)
+        wait_for(lambda: parked() == 4, timeout=15)
