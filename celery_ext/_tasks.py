@@ -53,14 +53,15 @@ class TaskOptions:
 
     Example::
 
-        app.conf.task_annotations   # [<celery_ext task options>, ...]
+        app.conf.task_annotations   # [celery_ext task options (...), ...]
     """
 
     def annotate(self, task: Any) -> None:
         apply_task_options(task)
 
     def __repr__(self) -> str:
-        return "<celery_ext task options>"
+        # `inspect conf` (and so Flower's Config tab) shows task_annotations.
+        return "celery_ext task options (timeouts, retries, async def, durable=False)"
 
 
 def add_task_options(app: Celery) -> None:

@@ -188,12 +188,14 @@ class Bounds:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        # kombu keys connection pools on repr(transport_options): one per app.
-        return f"<Bounds {id(self):#x} {dict(self.limits)} {self.policy}>"
+        # kombu keys connection pools on repr(transport_options): the id keeps one per
+        # app. Readable, as `inspect conf` (Flower's Config tab) shows it.
+        return f"{self.__json__()} [{id(self):x}]"
 
     def __json__(self) -> str:
-        # `inspect stats` (and so Flower) serialises the broker's transport options.
-        return repr(self)
+        # `inspect stats` (and so Flower's Broker tab) serialises the transport options.
+        limits = ", ".join(f"{q} {n}" for q, n in self.limits.items()) or "none"
+        return f"celery_ext queue limits: {limits}; when full: {self.policy}"
 
     @classmethod
     def of(cls, app: Celery) -> Bounds:

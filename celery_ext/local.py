@@ -509,13 +509,15 @@ class Lanes:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        # kombu keys its global producer pools on repr(transport_options):
-        # the id keeps two apps' lanes from sharing one pool (and one lane).
-        return f"<Lanes {id(self):#x} {sorted(self._lanes)}>"
+        # kombu keys its global producer pools on repr(transport_options): the id keeps
+        # two apps' lanes from sharing one pool (and one lane). Readable, as `inspect
+        # conf` (Flower's Config tab) shows it.
+        return f"{self.__json__()} [{id(self):x}]"
 
     def __json__(self) -> str:
-        # `inspect stats` (and so Flower) serialises the broker's transport options.
-        return repr(self)
+        # `inspect stats` (and so Flower's Broker tab) serialises the transport options.
+        lanes = ", ".join(f"local://{name}" for name in sorted(self._lanes)) or "none in use"
+        return f"celery_ext local lanes: {lanes}"
 
     def get(self, name: str = "") -> Lane:
         with self._lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -208,3 +209,10 @@ def test_flower_shows_the_celery_ext_stats_of_a_real_worker(
         assert "<td>celery_ext</td>" in other, other[:4000]
         row = other[other.index("<td>celery_ext</td>") :].split("</tr>")[0]
         assert "prefetch_limit" in row, row
+        # The Broker tab lists the transport options: celery_ext's read as text, never
+        # as an object's repr ("<Bounds 0x7f...>").
+        broker = dom[dom.index('id="tab-broker"') :].split("end broker tab")[0]
+        assert "celery_ext local lanes:" in broker and "celery_ext queue limits:" in broker, broker
+        reprs = [dom[m.start() - 300 : m.end()] for m in re.finditer(r"&lt;\w+ 0x[0-9a-f]+", dom)]
+        assert not reprs, reprs
+        assert "celery_ext task options (timeouts" in dom  # Config tab: task_annotations

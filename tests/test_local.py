@@ -282,7 +282,8 @@ def test_remote_control_and_inspect_stats_work_over_the_lane() -> None:
         assert inspect.ping() == {worker.hostname: {"ok": "pong"}}
         stats = inspect.stats()
         assert stats is not None and worker.hostname in stats
-        assert "Lanes" in stats[worker.hostname]["broker"]["transport_options"]["celery_ext_lanes"]
+        options = stats[worker.hostname]["broker"]["transport_options"]
+        assert options["celery_ext_lanes"] == "celery_ext local lanes: local://"  # readable
 
 
 def test_publishing_from_many_threads_loses_nothing() -> None:
