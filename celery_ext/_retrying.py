@@ -340,6 +340,11 @@ def _dead_letter(
         reason,
         _describe(exc),
     )
+    if hasattr(exc, "add_note"):  # Python 3.11+: on the failure's traceback, in Flower too
+        exc.add_note(
+            f"celery_ext: dead-lettered after {len(attempts)} attempt(s) ({reason}); "
+            f"entry in {settings_of(task.app).dead_letter_queue}"
+        )
     try:  # Flower and `celery events` see why the task ended (its state stays FAILURE)
         task.send_event(
             "task-dead-lettered",

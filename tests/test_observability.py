@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import threading
 import time
 import urllib.request
@@ -170,3 +171,28 @@ def test_flower_shows_a_retry_with_its_reason_and_next_attempt(
         _, body = get(flower.url + "/api/tasks")
         exception = json.loads(body)[task_id]["exception"]
     assert "ConnectionError: reset by peer; attempt 2 in 0.2s" in exception
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_flower_shows_why_a_task_was_dead_lettered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWER_UNAUTHENTICATED_API", "true")
+    app = Celery(f"flower_dl_{uuid.uuid4().hex[:6]}", broker="local://", set_as_current=False)
+    app.conf.update(worker_send_task_events=True, worker_hijack_root_logger=False)
+    celery_ext.install(app)
+
+    @app.task(shared=False, name="flower.doomed")
+    @celery_ext.retry(attempts=2, wait=celery_ext.fixed(0.1))
+    def doomed() -> None:
+        raise ConnectionError("still down")
+
+    with LocalWorker(app, pool="threads"), start_flower(app, port=0) as flower:
+        task_id = doomed.delay().id
+
+        def failed() -> dict[str, Any] | None:
+            _, body = get(flower.url + "/api/tasks")
+            task: dict[str, Any] = json.loads(body).get(task_id) or {}
+            return task if task.get("state") == "FAILURE" else None
+
+        task = poll(failed)
+    assert task["exception"] == "ConnectionError('still down')"
+    assert "celery_ext: dead-lettered after 2 attempt(s) (attempts)" in task["traceback"], task
