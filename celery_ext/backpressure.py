@@ -208,6 +208,15 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         self._relax_entry: Any = None
         self._eta_messages: list[Any] = []  # held, for a drain to hand back
         c.initial_prefetch_count = self.ready_window
+        # Celery's timer hands a due ETA task to the pool through this (the strategies
+        # built at each start look it up): from then on it is running, not held.
+        release = c.apply_eta_task
+
+        def apply_eta_task(request: Any) -> Any:
+            self._forget_eta(getattr(request, "message", None))
+            return release(request)
+
+        c.apply_eta_task = apply_eta_task
         super().__init__(c, **kwargs)
 
     def start(self, c: Any) -> None:
@@ -336,8 +345,15 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         if len(held) > 2 * max(self.eta_buffer, 64):
             self._eta_messages = [m for m in held if not m.acknowledged]
 
+    def _forget_eta(self, message: Any) -> None:
+        with contextlib.suppress(ValueError):  # not held here (no ETA, or parked)
+            self._eta_messages.remove(message)
+
     def take_eta_messages(self) -> list[Any]:
-        """The ETA messages this worker holds and has not acked; forgets them (drain).
+        """The ETA messages still waiting for their time here; forgets them (drain).
+
+        Not those Celery's timer already released: running, or done with their ack
+        on its way (handing those back would run them twice).
 
         Example::
 

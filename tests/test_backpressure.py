@@ -352,3 +352,37 @@ def test_parked_counts_what_a_producer_parked_in_status_and_metrics(app: Celery)
         assert section["parked_total"] == 0 and section["eta_held"] == 0
         later.apply_async(countdown=3600)
         wait_for(lambda: parked() == 4, timeout=15)
+
+
+def test_an_eta_task_running_when_the_drain_starts_is_not_handed_back(app: Celery) -> None:
+    # The drain hands back the ETA messages still waiting for their time. One that
+    # Celery's timer already released is running (or done, its ack on the way):
+    # handing it back ran it twice, and the ack that followed failed the event loop's
+    # close (a later worker in the process then had a timer that never fired).
+    celery_ext.install(app)
+    started = threading.Event()
+    runs: list[float] = []
+
+    @app.task(shared=False, name=f"bp.eta_slow.{uuid.uuid4().hex[:6]}", acks_late=True)
+    def slow() -> None:
+        runs.append(time.monotonic())
+        started.set()
+        time.sleep(1.0)
+
+    with embedded_worker(app):
+        slow.apply_async(countdown=0.3)  # held by the worker: far below the horizon
+        assert started.wait(15)
+    # The drain let it finish; its message was acked, not given back to the queue.
+    assert len(runs) == 1
+    queue = app.conf.task_default_queue
+    if app.conf.broker_url.startswith("local"):
+        assert lane_of(app).depth(queue) == 0
+    else:
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            depth = (
+                channel.client.llen(queue)
+                if app.conf.broker_url.startswith("redis")
+                else channel.queue_declare(queue, passive=True).message_count
+            )
+        assert depth == 0

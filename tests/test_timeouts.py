@@ -21,7 +21,14 @@ import celery_ext
 from celery_ext import ConfigurationError, TaskTimeout
 from tests.apps.timeout_app import define_tasks
 from tests.conftest import RUN_ID
-from tests.helpers import broker_url, embedded_worker, inspect_stats, new_app, wait_for
+from tests.helpers import (
+    broker_url,
+    embedded_worker,
+    get_or_dump,
+    inspect_stats,
+    new_app,
+    wait_for,
+)
 
 # Generous for 2 noisy cores; the precision figures come from benchmarks/timeouts.py.
 # Lower bounds allow 0.05 s: a limit runs from pickup, a hair before the task body starts.
@@ -159,7 +166,32 @@ def test_async_tasks_run_and_are_cancelled_at_the_soft_limit(app: Celery, pool: 
 def test_a_hard_limit_is_retried_when_the_policy_says_so(app: Celery, pool: str) -> None:
     tasks = define_tasks(app)
     with worker(app, pool):
-        assert tasks["hard_retry"].delay().get(timeout=30) == 1
+        result = tasks["hard_retry"].delay()
+        assert get_or_dump(result, 30, lambda: where_is(app, result.id)) == 1
+
+
+def where_is(app: Celery, task_id: str) -> list[tuple[str, int]]:
+    """The Redis keys (lists, sorted sets, hashes) that hold a message of ``task_id``."""
+    if not app.conf.broker_url.startswith("redis"):
+        return []
+    found = []
+    with app.connection_for_write() as conn:
+        client = conn.default_channel.client
+        for key in client.scan_iter("*"):
+            kind = client.type(key)
+            items = (
+                client.lrange(key, 0, -1) if kind == b"list"
+                else client.zrange(key, 0, -1) if kind == b"zset"
+                else client.hvals(key) if kind == b"hash"
+                else []
+            )  # fmt: skip
+            hits = sum(task_id.encode() in item for item in items)
+            if hits:
+                found.append((key.decode(), hits))
+        registry = client.hgetall("celery_ext.parked")
+        found.append(("registry", len(registry)))
+        found += [(k.decode(), v) for k, v in registry.items() if b"test" in k][:5]
+    return found
 
 
 def test_a_per_call_limit_is_enforced_on_threads(app: Celery) -> None:
