@@ -12,6 +12,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from celery_ext import LocalWorker
+from celery_ext.local import lane_of
 
 
 def broker_url(request: Any, kind: str) -> str:
@@ -63,6 +64,17 @@ def embedded_worker(
             **options,
         ) as w:
             yield w
+
+
+def depth(app: Celery, queue: str) -> int:
+    """Messages waiting in ``queue`` on ``app``'s broker (its lane on ``local://``)."""
+    with app.connection_for_write() as conn:
+        driver = conn.transport.driver_type
+        if driver == "local":
+            return int(lane_of(app).depth(queue))
+        if driver == "redis":
+            return int(conn.default_channel.client.llen(queue))
+        return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
 
 
 def inspect_stats(app: Celery, hostname: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import celery_ext
 from celery_ext import LocalWorker
 from celery_ext.delays import AmqpParking
 from celery_ext.local import lane_of
-from tests.helpers import broker_url, embedded_worker, inspect_stats, new_app, wait_for
+from tests.helpers import broker_url, depth, embedded_worker, inspect_stats, new_app, wait_for
 
 
 @pytest.fixture(params=["local", "redis", "amqp"])
@@ -374,15 +374,4 @@ def test_an_eta_task_running_when_the_drain_starts_is_not_handed_back(app: Celer
         assert started.wait(15)
     # The drain let it finish; its message was acked, not given back to the queue.
     assert len(runs) == 1
-    queue = app.conf.task_default_queue
-    if app.conf.broker_url.startswith("local"):
-        assert lane_of(app).depth(queue) == 0
-    else:
-        with app.connection_for_write() as conn:
-            channel = conn.default_channel
-            depth = (
-                channel.client.llen(queue)
-                if app.conf.broker_url.startswith("redis")
-                else channel.queue_declare(queue, passive=True).message_count
-            )
-        assert depth == 0
+    assert depth(app, app.conf.task_default_queue) == 0

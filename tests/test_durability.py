@@ -23,15 +23,8 @@ from kombu import Connection
 
 import celery_ext
 from celery_ext import LocalWorker, QueueFull
-from tests.helpers import broker_url, embedded_worker, new_app, wait_for
+from tests.helpers import broker_url, depth, embedded_worker, new_app, wait_for
 from tests.test_shutdown import ROOT
-
-
-def depth(app: Celery, queue: str) -> int:
-    with app.connection_for_write() as conn:
-        if conn.transport.driver_type == "redis":
-            return int(conn.default_channel.client.llen(queue))
-        return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
 
 
 @pytest.fixture(params=["redis", "amqp"])
