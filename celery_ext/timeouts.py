@@ -98,7 +98,10 @@ def apply_task_options(task: Any) -> None:
     """Turn a task's ``timeout``/``soft_timeout`` options into Celery's time limits.
 
     Called for every task by ``install`` (at finalize) and at worker start;
-    raises :class:`~celery_ext.errors.ConfigurationError` naming the task.
+    raises :class:`~celery_ext.errors.ConfigurationError` naming the task. Only
+    celery_ext's own options are checked here: Celery's ``time_limit`` and
+    ``soft_time_limit`` keep Celery's meaning and errors (``apply_async``
+    raises ``ValueError`` for a soft limit above the hard one; equal is fine).
 
     Example::
 
@@ -107,21 +110,27 @@ def apply_task_options(task: Any) -> None:
     where = f"task {task.name!r}"
     fun = getattr(task, "run", None)
     decorated = getattr(fun, "__celery_ext_timeout__", None) or {}
-    values: dict[str, float | None] = {}
-    for option, stock in _ATTRS.items():
-        ours = _seconds(where, option, decorated.get(option, getattr(task, option, None)))
-        theirs = _seconds(where, stock, getattr(task, stock, None))
-        if ours is not None and theirs is not None and ours != theirs:
-            configured = getattr(task.app.conf, f"task_{stock}", None)
-            if theirs != configured:  # an explicit task option, not the app-wide default
+    ours = {
+        option: _seconds(where, option, decorated.get(option, getattr(task, option, None)))
+        for option in _ATTRS
+    }
+    if any(value is not None for value in ours.values()):
+        values: dict[str, Any] = {}
+        for option, stock in _ATTRS.items():
+            theirs = getattr(task, stock, None)
+            mine = ours[option]
+            explicit = theirs != getattr(task.app.conf, f"task_{stock}", None)  # not the default
+            if mine is not None and theirs is not None and mine != theirs and explicit:
                 raise ConfigurationError(
-                    f"{where}: {option}={ours:g} and {stock}={theirs:g} disagree; set one"
+                    f"{where}: {option}={mine:g} and {stock}={theirs!r} disagree; set one"
                 )
-        values[stock] = ours if ours is not None else theirs
-    _check_pair(where, values["time_limit"], values["soft_time_limit"])
-    for stock, value in values.items():
-        if value is not None and getattr(task, stock, None) != value:
-            setattr(task, stock, value)
+            values[stock] = mine if mine is not None else theirs
+        hard, soft = values["time_limit"], values["soft_time_limit"]
+        if isinstance(hard, (int, float)) and isinstance(soft, (int, float)):
+            _check_pair(where, float(hard), float(soft))
+        for stock, value in values.items():
+            if value is not None and getattr(task, stock, None) != value:
+                setattr(task, stock, value)
     _add_start_stamp(task if isinstance(task, type) else type(task))
     if aio.is_async_task(task):
         aio.wrap_async_task(task, deadlines)

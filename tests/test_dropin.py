@@ -532,3 +532,39 @@ def test_results_keep_states_and_exception_types_and_ignore_result_stores_nothin
     assert ran == ["by call", "by task", "sentinel"]
     assert ignored_states == [states.PENDING, states.PENDING]
     assert stored == [None, None]
+
+
+def test_celerys_own_time_limits_keep_their_meaning_errors_and_moment(make_app: MakeApp) -> None:
+    """``soft_time_limit`` above ``time_limit`` is not an error at finalize (the app starts,
+    its other tasks send); applying that task raises Celery's ValueError; equal limits run."""
+
+    def scenario(app: Celery) -> tuple[Any, ...]:
+        @app.task(shared=False, name="dropin.inverted", soft_time_limit=2, time_limit=1)
+        def inverted() -> str:
+            return "never sent"
+
+        @app.task(shared=False, name="dropin.equal", soft_time_limit=5, time_limit=5)
+        def equal() -> str:
+            return "equal"
+
+        @app.task(shared=False, name="dropin.other")
+        def other() -> str:
+            return "other"
+
+        app.finalize()
+        with pytest.raises(ValueError) as raised:
+            inverted.delay()
+        with worker(app):
+            return (
+                str(raised.value),
+                other.delay().get(timeout=20),
+                equal.delay().get(timeout=20),
+                (app.tasks["dropin.equal"].soft_time_limit, app.tasks["dropin.equal"].time_limit),
+            )
+
+    assert compare(make_app, scenario) == (
+        "soft_time_limit must be less than or equal to time_limit",
+        "other",
+        "equal",
+        (5, 5),
+    )
