@@ -52,6 +52,7 @@ from .errors import (
     TaskTimeout,
 )
 from .local import DrainReport, LocalWorker
+from .metrics import stats_section
 from .observability import start_flower
 from .retry import (
     RetryPolicy,
@@ -101,6 +102,7 @@ __all__ = [
     "retry",
     "settings_of",
     "start_flower",
+    "stats_section",
     "timeout",
 ]
 

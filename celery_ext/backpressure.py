@@ -44,7 +44,16 @@ from celery.worker import state as worker_state
 
 from ._settings import settings_of
 from .bounds import BOUNDS_OPTION, Bounds
-from .delays import AmqpParking, RedisParking, eta_delay, parked_queue, redis_horizon
+from .delays import (
+    PARKED_HEADER,
+    AmqpParking,
+    RedisParking,
+    came_back,
+    eta_delay,
+    parked_queue,
+    redis_horizon,
+)
+from .metrics import send_task_event
 
 __all__ = ["Backpressure"]
 
@@ -174,7 +183,7 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
 
     Example::
 
-        app.control.inspect().stats()[worker]["celery_ext"]["prefetch_limit"]
+        app.control.inspect().stats()[worker]["celery_ext.prefetch_limit"]
     """
 
     name = "celery_ext.backpressure.Backpressure"
@@ -327,9 +336,13 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
             message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any
         ) -> Any:
             _restore_route(message)
-            if (message.headers or {}).get("eta"):  # checked here: most messages have none
+            headers = message.headers or {}
+            if headers.get("eta"):  # checked here: most messages have none
+                back = came_back(headers)
                 if self._maybe_park(c, message):
                     return None
+                if back:  # Flower showed it PARKED: no task event after that one replaces it
+                    send_task_event(c, "unparked", uuid=headers.get("id"), eta=headers["eta"])
                 self._hold_eta(message)
             if self.budget is not None and not self.budget.admit(message):
                 self._throttle(c, message)
@@ -400,7 +413,9 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
             return False  # let Celery report the malformed ETA as it always has
         if delay <= 0 or (delay <= self.eta_horizon_s and self.eta_held(c) < self.eta_buffer):
             return False
+        headers = message.headers
         try:
+            headers[PARKED_HEADER] = eta
             payload = message if isinstance(self.store, AmqpParking) else message.serializable()
             self.store.park(_queue_of(c, message), payload, delay)
         except Exception:
@@ -409,6 +424,7 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
             return False
         message.ack()
         self.parked += 1
+        send_task_event(c, "parked", uuid=headers.get("id"), name=headers.get("task"), eta=eta)
         return True
 
     def section(self, c: Any) -> dict[str, Any]:

@@ -99,13 +99,14 @@ import kombu.connection
 from amqp.exceptions import MessageNacked, NotFound, PreconditionFailed
 from celery import Celery
 from celery.app.task import Task
+from celery.signals import after_task_publish
 from celery.utils.functional import maybe_list
 from celery.utils.saferepr import saferepr
 from kombu.transport import pyamqp
 from kombu.utils.uuid import uuid
 
 from ._settings import PREFIX, Settings
-from .delays import RETRY_HEADER, AmqpParking, eta_delay
+from .delays import PARKED_HEADER, RETRY_HEADER, AmqpParking, eta_delay
 from .errors import ConfigurationError, QueueFull
 from .sizes import SizeLimited
 
@@ -186,6 +187,8 @@ class Bounds:
         self._full: dict[str, int] = {}
         self._unrecorded: list[tuple[Any, str, str]] = []  # Redis: see redis_delivery
         self._lock = threading.Lock()
+        self._parking_here = threading.local()  # the id this thread's publish just parked
+        self._listening = False
 
     def __repr__(self) -> str:
         # kombu keys connection pools on repr(transport_options): the id keeps one per
@@ -231,6 +234,47 @@ class Bounds:
         if delay > horizon_s or (delay > 0 and headers.get(RETRY_HEADER) is not None):
             return delay
         return None
+
+    def parking(self, headers: dict[str, Any]) -> None:
+        """Mark a message a producer is about to park: its header, then its ``task-parked`` event.
+
+        With ``task_send_sent_event`` on (Flower then lists sent tasks), the publish
+        also sends ``task-parked`` (``eta``): Flower shows the task as PARKED until a
+        worker receives it back, instead of PENDING.
+
+        Example::
+
+            bounds.parking(message["headers"])   # then park it
+        """
+        headers[PARKED_HEADER] = headers.get("eta")
+        self._parking_here.task_id = headers.get("id")
+        if not self._listening:  # from the first park on: other publishes pay nothing
+            self._listening = True
+            # Weakly connected: gone with this Bounds (with the app's configuration).
+            uid = f"celery_ext.parked:{id(self)}"
+            after_task_publish.connect(self._after_publish, dispatch_uid=uid)
+
+    def _after_publish(self, sender: object = None, headers: Any = None, **_: Any) -> None:
+        task_id = getattr(self._parking_here, "task_id", None)
+        if task_id is None or not isinstance(headers, Mapping) or headers.get("id") != task_id:
+            return
+        self._parking_here.task_id = None
+        if not self.app.conf.task_send_sent_event:
+            return
+        try:  # never blocks a publish: the publishing thread holds a pool producer already
+            with self.app.producer_pool.acquire(block=False) as producer:
+                self._dispatcher.publish(
+                    "task-parked",
+                    {"uuid": task_id, "name": headers.get("task"), "eta": headers.get("eta")},
+                    producer,
+                )
+        except Exception:  # monitoring must not change what the producer does
+            logger.debug("celery_ext: could not send task-parked for %s", task_id, exc_info=True)
+
+    @cached_property
+    def _dispatcher(self) -> Any:
+        # Celery sends task-sent the same way: a disabled dispatcher, a pool producer.
+        return self.app.events.Dispatcher(enabled=False)
 
     def task_limit(self, name: object) -> int | None:
         """The ``max_queued`` attribute of the task called ``name``, or None.
@@ -569,6 +613,7 @@ class AmqpChannel(_Collecting, SizeLimited, pyamqp.Channel):  # type: ignore[mis
         parking = self._parking if queue is not None else None
         if delay is None or queue is None or parking is None:
             return False
+        bounds.parking(msg.properties.setdefault("application_headers", {}))
         self._parking_now = True
         try:
             parking.park(queue, msg, delay)

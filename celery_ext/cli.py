@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from .deadletter import DeadLetters
+from .metrics import stats_section
 
 __all__ = ["ext"]
 
@@ -132,7 +133,7 @@ def dlq_purge(ctx: click.Context, task_ids: tuple[str, ...], all_: bool) -> None
 def status(ctx: click.Context, timeout: float, as_json: bool) -> None:
     """One line per worker: held/limit, running, ETA, parked, outcomes, timeouts, drain."""
     replies = _app(ctx).control.inspect(timeout=timeout).stats() or {}
-    sections = {host: stats.get("celery_ext") for host, stats in sorted(replies.items())}
+    sections = {host: stats_section(stats) for host, stats in sorted(replies.items())}
     if as_json:
         click.echo(json.dumps(sections, indent=2, sort_keys=True, default=str))
         return

@@ -53,6 +53,7 @@ from kombu.utils.json import dumps
 
 __all__ = [
     "AMQP_MAX_DELAY_S",
+    "PARKED_HEADER",
     "RETRY_HEADER",
     "AmqpParking",
     "RedisParking",
@@ -63,6 +64,25 @@ __all__ = [
 
 #: Message header of a celery_ext retry (attempt history); producers park its delay.
 RETRY_HEADER = "celery_ext_retry"
+
+#: Message header set when a message is parked: the ETA it was parked until. A
+#: worker receiving it with that same ETA knows it comes back from parking (a
+#: retry of it carries the header on with another ETA).
+PARKED_HEADER = "celery_ext_parked"
+
+
+def came_back(headers: Mapping[str, Any] | None) -> bool:
+    """Whether a received message was parked until its ETA (see :data:`PARKED_HEADER`).
+
+    Example::
+
+        came_back(message.headers)   # True for a message a mover put back when due
+    """
+    if not headers:
+        return False
+    eta = headers.get("eta")
+    return eta is not None and headers.get(PARKED_HEADER) == eta
+
 
 #: Hash (field: sorted-set key, value: target list key) of every parking sorted set.
 REGISTRY = "celery_ext.parked"

@@ -103,7 +103,7 @@ class Intake(bootsteps.StartStopStep):  # type: ignore[misc]
     Example::
 
         DeadLetters(app).list()   # [{"reason": "unknown task", "task": "shop.old", ...}]
-        app.control.inspect().stats()[worker]["celery_ext"]["bad_input"]["undecodable"]
+        app.control.inspect().stats()[worker]["celery_ext.bad_input"]["undecodable"]
     """
 
     name = "celery_ext.intake.Intake"

@@ -586,6 +586,7 @@ class Channel(SizeLimited, virtual.Channel):  # type: ignore[misc]
             return
         delay = limits.park_delay(message.get("headers"), limits.eta_horizon_s)
         if delay is not None:
+            limits.parking(message.setdefault("headers", {}))
             lane.park(queue, message, delay)  # a far-future ETA (see backpressure)
             return
         call = kwargs.get(bounds.LIMIT_KW)  # queue_limits, @app.task(max_queued=), the call's

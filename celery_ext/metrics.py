@@ -1,8 +1,10 @@
 """What celery_ext knows about a worker, in one place: ``inspect stats`` (so Flower) and Prometheus.
 
-The :class:`Section` consumer step puts one ``celery_ext`` section in the
-worker's ``inspect stats`` reply, which Flower shows on the worker page (tab
-"Other") and ``celery ext status`` prints:
+The :class:`Section` consumer step puts celery_ext's section in the worker's
+``inspect stats`` reply as short flat rows (``celery_ext.held: 3``,
+``celery_ext.tasks: {'succeeded': 10, ...}``: one figure or small group each),
+which Flower lists on the worker page (tab "Other"); :func:`stats_section`
+nests them again, as ``celery ext status`` reads them:
 
 - limits: ``prefetch_limit``, ``eta_buffer``, ``prefetch_bytes``, queue bounds,
   drain timeout, worker default time limits;
@@ -17,7 +19,8 @@ worker's ``inspect stats`` reply, which Flower shows on the worker page (tab
   ``leases`` (Redis), ``probes``, ``pool`` (abandoned and stuck threads).
 
 Events (with ``-E``), beside Celery's own: ``task-soft-timeout`` (``limit``),
-``task-dead-lettered`` (``reason``, ``attempts``, ``queue``),
+``task-dead-lettered`` (``reason``, ``attempts``, ``queue``), ``task-parked`` and
+``task-unparked`` (``eta``; Flower shows the states PARKED and UNPARKED),
 ``worker-celery_ext-bad-input`` (``reason``, ``id``, ``queue``, ``dead_lettered``),
 ``worker-celery_ext-drain-started`` (``drain_timeout_s``) and, on the threads
 and solo pools, ``worker-celery_ext-drain-finished`` (the report's counts;
@@ -52,7 +55,16 @@ from ._http import listen, url_of
 from ._settings import settings_of
 from .errors import HandedBack
 
-__all__ = ["CountingRequest", "Section", "counters_of", "section"]
+__all__ = [
+    "CountingRequest",
+    "Section",
+    "counters_of",
+    "section",
+    "send_task_event",
+    "send_worker_event",
+    "stats_rows",
+    "stats_section",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -193,13 +205,29 @@ def send_worker_event(c: Any, kind: str, **fields: Any) -> None:
 
         send_worker_event(c, "drain-started", drain_timeout_s=30.0)
     """
+    _send(c, f"worker-celery_ext-{kind}", fields)
+
+
+def send_task_event(c: Any, kind: str, **fields: Any) -> None:
+    """Send ``task-<kind>`` through the consumer's event dispatcher (with ``-E``); never raises.
+
+    Flower shows a task event it does not know as the task's state (``PARKED``).
+
+    Example::
+
+        send_task_event(c, "parked", uuid=task_id, eta=eta)
+    """
+    _send(c, f"task-{kind}", fields)
+
+
+def _send(c: Any, event: str, fields: dict[str, Any]) -> None:
     dispatcher = getattr(c, "event_dispatcher", None)
     if dispatcher is None or not getattr(dispatcher, "enabled", False):
         return
     try:
-        dispatcher.send(f"worker-celery_ext-{kind}", **fields)
+        dispatcher.send(event, **fields)
     except Exception:  # monitoring must not change what the worker does
-        logger.debug("celery_ext: could not send the %s event", kind, exc_info=True)
+        logger.debug("celery_ext: could not send the %s event", event, exc_info=True)
 
 
 def section(c: Any) -> dict[str, Any]:
@@ -238,6 +266,59 @@ def section(c: Any) -> dict[str, Any]:
     return out
 
 
+ROW_PREFIX = "celery_ext."
+
+
+def stats_rows(section: dict[str, Any]) -> dict[str, Any]:
+    """``section`` as ``inspect stats`` rows: one figure or one flat group each.
+
+    Flower's "Other" tab shows each top-level key of ``inspect stats`` on a row of
+    its own: one nested dict there is an unreadable line. A group's dicts (the
+    last drain's report) get rows of their own.
+
+    Example::
+
+        stats_rows({"held": 3, "drain": {"state": "running", "last": {"seconds": 1.2}}})
+        # {"celery_ext.held": 3, "celery_ext.drain": {"state": "running"},
+        #  "celery_ext.drain.last": {"seconds": 1.2}}
+    """
+    rows: dict[str, Any] = {}
+    for key, value in section.items():
+        if not isinstance(value, dict):
+            rows[ROW_PREFIX + key] = value
+            continue
+        rows[ROW_PREFIX + key] = {k: v for k, v in value.items() if not isinstance(v, dict)}
+        for sub, group in value.items():
+            if isinstance(group, dict):
+                rows[f"{ROW_PREFIX}{key}.{sub}"] = group
+    return rows
+
+
+def stats_section(stats: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``celery_ext`` section of one worker's ``inspect stats`` reply, nested again.
+
+    None when the worker runs without celery_ext.
+
+    Example::
+
+        stats = app.control.inspect().stats()["w1@host"]
+        celery_ext.stats_section(stats)["tasks"]["succeeded"]
+    """
+    section: dict[str, Any] = {}
+    for name, value in stats.items():
+        if not name.startswith(ROW_PREFIX):
+            continue
+        key, _, sub = name[len(ROW_PREFIX) :].partition(".")
+        if not sub:
+            if isinstance(value, dict):
+                section.setdefault(key, {}).update(value)
+            else:
+                section[key] = value
+        else:
+            section.setdefault(key, {})[sub] = value
+    return section or None
+
+
 def _pool_info(pool: Any) -> dict[str, Any]:
     try:
         info = pool._get_info() if pool is not None else {}
@@ -247,11 +328,11 @@ def _pool_info(pool: Any) -> dict[str, Any]:
 
 
 class Section(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Consumer step: the ``celery_ext`` section of ``inspect stats``, and ``/metrics``.
+    """Consumer step: celery_ext's rows in ``inspect stats``, and ``/metrics``.
 
     Example::
 
-        app.control.inspect().stats()["w1@host"]["celery_ext"]["tasks"]["succeeded"]
+        stats_section(app.control.inspect().stats()["w1@host"])["tasks"]["succeeded"]
     """
 
     name = "celery_ext.metrics.Section"
@@ -308,7 +389,7 @@ class Section(bootsteps.StartStopStep):  # type: ignore[misc]
             self.server = None
 
     def info(self, c: Any) -> dict[str, Any]:
-        return {"celery_ext": section(c)}
+        return stats_rows(section(c))
 
 
 class _Collector:

@@ -112,6 +112,7 @@ class RedisChannel(_Collecting, SizeLimited, AtomicDelivery, kombu_redis.Channel
         delay = bounds.park_delay(message.get("headers"), horizon)
         if delay is None:
             return False
+        bounds.parking(message.setdefault("headers", {}))
         self._parking.park(queue, message, delay)
         return True
 

@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from celery_ext import LocalWorker
+from celery_ext import LocalWorker, stats_section
 from celery_ext.local import lane_of
 
 
@@ -83,6 +83,13 @@ def inspect_stats(app: Celery, hostname: str) -> dict[str, Any]:
     assert reply and hostname in reply, reply
     stats: dict[str, Any] = reply[hostname]
     return stats
+
+
+def ext_section(app: Celery, hostname: str) -> dict[str, Any]:
+    """celery_ext's section of one worker's ``inspect stats``, nested again from its rows."""
+    section = stats_section(inspect_stats(app, hostname))
+    assert section is not None, f"{hostname} has no celery_ext rows in inspect stats"
+    return section
 
 
 def get_or_dump(result: Any, timeout: float, diagnose: Callable[[], object] | None = None) -> Any:

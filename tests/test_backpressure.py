@@ -19,7 +19,14 @@ import celery_ext
 from celery_ext import LocalWorker
 from celery_ext.delays import AmqpParking
 from celery_ext.local import lane_of
-from tests.helpers import broker_url, depth, embedded_worker, inspect_stats, new_app, wait_for
+from tests.helpers import (
+    broker_url,
+    depth,
+    embedded_worker,
+    ext_section,
+    new_app,
+    wait_for,
+)
 
 
 @pytest.fixture(params=["local", "redis", "amqp"])
@@ -45,7 +52,7 @@ worker = embedded_worker
 
 
 def stats(app: Celery, hostname: str) -> dict[str, Any]:
-    info: dict[str, Any] = inspect_stats(app, hostname)["celery_ext"]
+    info: dict[str, Any] = ext_section(app, hostname)
     return info
 
 
@@ -161,10 +168,10 @@ def test_prefetch_limit_cli_option_reaches_the_worker(redis_url: str, unique_que
     try:
         app = Celery("probe", broker=redis_url, set_as_current=False)
         wait_for(lambda: app.control.ping(destination=[hostname], timeout=0.5), timeout=30)
-        info = app.control.inspect(destination=[hostname], timeout=5).stats()[hostname]
-        assert info["celery_ext"]["prefetch_limit"] == 7
-        assert info["celery_ext"]["prefetch_bytes"] == 65536
-        assert info["celery_ext"]["eta_buffer"] == 1  # a tenth of the limit, at least 1
+        info = ext_section(app, hostname)
+        assert info["prefetch_limit"] == 7
+        assert info["prefetch_bytes"] == 65536
+        assert info["eta_buffer"] == 1  # a tenth of the limit, at least 1
     finally:
         proc.terminate()
         proc.wait(30)
@@ -344,11 +351,11 @@ def test_parked_counts_what_a_producer_parked_in_status_and_metrics(app: Celery)
         hostname = worker.hostname
 
         def parked() -> Any:
-            return inspect_stats(app, hostname)["celery_ext"]["parked_now"]
+            return ext_section(app, hostname)["parked_now"]
 
         # RabbitMQ: the mover counts every 5 s.
         wait_for(lambda: parked() == 3, timeout=15)
-        section = inspect_stats(app, hostname)["celery_ext"]
+        section = ext_section(app, hostname)
         assert section["parked_total"] == 0 and section["eta_held"] == 0
         later.apply_async(countdown=3600)
         wait_for(lambda: parked() == 4, timeout=15)

@@ -25,7 +25,7 @@ import celery_ext
 from celery_ext import DeadLetters, LocalWorker, MessageTooLarge
 from celery_ext.metrics import counters_of
 from celery_ext.sizes import LIMIT_OPTION
-from tests.helpers import broker_url, embedded_worker, inspect_stats, new_app, wait_for
+from tests.helpers import broker_url, embedded_worker, ext_section, new_app, wait_for
 
 LIMIT = 20_000  # max_message_bytes in these tests
 
@@ -162,7 +162,7 @@ def test_bad_messages_are_dead_lettered_and_the_worker_keeps_serving(app: Celery
         wait_for(lambda: len(DeadLetters(app).list()) >= len(expected), timeout=30, every=0.1)
         final = record.delay("final")
         assert final.get(timeout=30) == "final"  # still serving after all of it
-        section = inspect_stats(app, worker.hostname)["celery_ext"]
+        section = ext_section(app, worker.hostname)
 
     entries = by_probe(app)
     assert {probe: e["reason"] for probe, e in entries.items()} == expected
@@ -383,7 +383,7 @@ def test_garbage_on_the_wire_is_dead_lettered_and_the_worker_keeps_consuming(
         wait_for(lambda: len(DeadLetters(app).list()) >= len(garbage), timeout=30, every=0.1)
         for n in range(3):  # the same worker goes on consuming
             assert record.delay(f"after-{n}").get(timeout=30) == f"after-{n}"
-        section = inspect_stats(app, worker.hostname)["celery_ext"]
+        section = ext_section(app, worker.hostname)
     entries = DeadLetters(app).list()
     assert len(entries) == len(garbage), entries
     bodies = set()

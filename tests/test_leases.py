@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from kombu import Connection
 
-from tests.helpers import inspect_stats, wait_for
+from tests.helpers import ext_section, wait_for
 from tests.test_shutdown import Run
 
 VISIBILITY_S = 2.0
@@ -73,11 +73,7 @@ def test_a_killed_workers_messages_are_recovered_within_30s_and_live_ones_untouc
     )
     survivor.start("-c", "5")  # the killed pair's long reruns must not hold up the rest
     # The survivor has scanned for dead workers twice while the first one lives.
-    wait_for(
-        lambda: (
-            inspect_stats(survivor.app, survivor.hostname)["celery_ext"]["leases"]["renewals"] >= 2
-        )
-    )
+    wait_for(lambda: ext_section(survivor.app, survivor.hostname)["leases"]["renewals"] >= 2)
     assert run.runs() == {0: 1, 1: 1} and run.depth() == 0  # nothing taken from a live worker
     assert doomed.proc is not None
     killed_at = time.monotonic()

@@ -19,7 +19,8 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 import celery_ext
-from tests.helpers import broker_url, embedded_worker, inspect_stats, new_app, wait_for
+from celery_ext import metrics
+from tests.helpers import broker_url, embedded_worker, ext_section, new_app, wait_for
 from tests.test_shutdown import ROOT, Run
 
 
@@ -58,7 +59,7 @@ def test_the_section_counts_outcomes_and_shows_limits_and_drain_state(app: Celer
                 task.delay().get(timeout=20)
 
         def section() -> dict[str, Any]:
-            found: dict[str, Any] = inspect_stats(app, w.hostname)["celery_ext"]
+            found: dict[str, Any] = ext_section(app, w.hostname)
             return found
 
         wait_for(lambda: section()["tasks"]["failed"] == 2)
@@ -101,7 +102,7 @@ def test_prefork_metrics_and_status_count_what_the_children_ran(
     port = free_port()
     try:
         run.start("--metrics-port", str(port), "--prefetch-limit", "30", "--time-limit", "60")
-        section = inspect_stats(run.app, run.hostname)["celery_ext"]
+        section = ext_section(run.app, run.hostname)
         assert section["timeouts"] == {"time_limit": 60.0, "soft_time_limit": None}
         before = scrape(port)
         assert before[("celery_ext_prefetch_limit", ())] == 30
@@ -214,3 +215,87 @@ def test_a_drain_is_sent_as_worker_events(redis_url: str, unique_queue: str) -> 
     assert of("worker-celery_ext-drain-started")[0]["drain_timeout_s"] == 20
     finished = of("worker-celery_ext-drain-finished")[0]
     assert (finished["completed"], finished["requeued"], finished["abandoned"]) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("kind", ["local", "redis", "amqp"])
+def test_parked_tasks_are_sent_as_events_until_they_come_back(
+    request: pytest.FixtureRequest, kind: str, unique_queue: str
+) -> None:
+    """Flower shows the custom ``task-parked`` as state PARKED (with ``eta``), and
+    ``task-unparked`` when the task is back: Celery's received/started events cannot
+    replace a state Celery does not know. Parked by the producer (sent events on),
+    and, on Redis and RabbitMQ, by a worker receiving a stock producer's far ETA."""
+    url = broker_url(request, kind)
+    app = new_app(url, unique_queue, worker_send_task_events=True, task_send_sent_event=True)
+    celery_ext.install(app, eta_horizon=1)
+    name = f"m.later.{uuid.uuid4().hex[:6]}"
+
+    @app.task(shared=False, name=name)
+    def later() -> str:
+        return "done"
+
+    seen: list[dict[str, Any]] = []
+    receivers: list[Any] = []
+
+    def listen() -> None:  # one subscription for the whole test (see the drain test)
+        with app.connection_for_read() as conn:
+            receiver = app.events.Receiver(conn, handlers={"*": seen.append})
+            receivers.append(receiver)
+            for _ in receiver.consume(limit=None, timeout=None, safety_interval=0.2):
+                pass
+
+    def of(task_id: str) -> list[str]:
+        return [e["type"] for e in list(seen) if e.get("uuid") == task_id]
+
+    def first(kind: str, task_id: str) -> dict[str, Any]:
+        return next(e for e in list(seen) if e["type"] == kind and e.get("uuid") == task_id)
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        wait_for(lambda: receivers, timeout=10)
+        with embedded_worker(app) as w:
+            wait_for(lambda: later.delay().get(timeout=10) == "done", timeout=20)  # subscribed
+            by_producer = later.apply_async(countdown=2).id
+            ids = [by_producer]
+            if kind != "local":  # a producer without celery_ext queues it: the worker parks it
+                stock = Celery("stock", broker=url, set_as_current=False)
+                ids.append(stock.send_task(name, countdown=3, queue=unique_queue).id)
+            for task_id in ids:
+                wait_for(lambda t=task_id: "task-succeeded" in of(t), timeout=40)
+            worker_host = w.hostname
+            # The worker parked the stock producer's message, not celery_ext's.
+            assert ext_section(app, worker_host)["parked_total"] == len(ids) - 1
+    finally:
+        for receiver in receivers:
+            receiver.should_stop = True
+        listener.join(5)
+        if kind == "redis":
+            with app.connection_for_write() as conn:
+                conn.default_channel.client.hdel(
+                    "celery_ext.parked", f"celery_ext.parked:{unique_queue}"
+                )
+    for task_id in ids:
+        kinds = of(task_id)
+        assert kinds.index("task-parked") < kinds.index("task-unparked"), kinds
+        assert kinds.index("task-unparked") < kinds.index("task-started"), kinds
+        parked, back = first("task-parked", task_id), first("task-unparked", task_id)
+        assert parked["eta"] and parked["eta"] == back["eta"], (parked, back)
+        assert back["hostname"] == worker_host
+
+
+def test_stats_rows_are_flat_and_nest_back_into_the_section() -> None:
+    section = {
+        "held": 3,
+        "queue_limits": {"emails.high": 100},  # a queue name with a dot stays one key
+        "drain": {"state": "drained", "drain_timeout_s": 30.0, "last": {"completed": 2}},
+    }
+    rows = metrics.stats_rows(section)
+    assert rows == {
+        "celery_ext.held": 3,
+        "celery_ext.queue_limits": {"emails.high": 100},
+        "celery_ext.drain": {"state": "drained", "drain_timeout_s": 30.0},
+        "celery_ext.drain.last": {"completed": 2},
+    }
+    assert celery_ext.stats_section({"pid": 1, **rows}) == section
+    assert celery_ext.stats_section({"pid": 1}) is None  # a worker without celery_ext

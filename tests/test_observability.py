@@ -16,7 +16,7 @@ import pytest
 from celery import Celery
 
 import celery_ext
-from celery_ext import LocalWorker, start_flower
+from celery_ext import LocalWorker, start_flower, stats_section
 from tests.helpers import embedded_worker
 
 
@@ -70,10 +70,8 @@ def test_flower_in_process_sees_local_lane_workers_and_task_events(
 
         def worker_listed() -> dict[str, Any]:
             _, body = get(flower.url + f"/api/workers?workername={worker.hostname}&refresh=1")
-            section: dict[str, Any] = (
-                json.loads(body).get(worker.hostname, {}).get("stats", {}).get("celery_ext", {})
-            )
-            return section
+            stats = json.loads(body).get(worker.hostname, {}).get("stats", {})
+            return stats_section(stats) or {}
 
         section = poll(worker_listed)  # the celery_ext section of the lane's worker
         assert section["tasks"]["succeeded"] == 3 and section["drain"]["state"] == "running"

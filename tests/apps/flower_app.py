@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from celery import Celery
 
@@ -20,3 +21,16 @@ app.conf.update(
     task_ignore_result=True,
 )
 celery_ext.install(app)
+
+
+@app.task(name="flower_app.doomed")
+@celery_ext.retry(attempts=2, wait=celery_ext.fixed(0.1))
+def doomed() -> None:
+    """Fails every attempt: dead-lettered after the second."""
+    raise ConnectionError("still down")
+
+
+@app.task(name="flower_app.pause")
+def pause(seconds: float) -> None:
+    """Runs long enough for Flower to show the task running."""
+    time.sleep(seconds)
