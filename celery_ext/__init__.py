@@ -22,6 +22,7 @@ import kombu.transport
 from . import (
     _settings,
     _tasks,
+    _versions,
     backpressure,
     bounds,
     durability,
@@ -160,6 +161,7 @@ def install(app: Celery, **overrides: Any) -> Settings:
             )
         return existing
     settings = Settings.from_app(app, overrides)
+    _versions.warn_if_untested()
     # kombu resolves URL schemes through this registry; 'local' names our transport.
     kombu.transport.TRANSPORT_ALIASES.setdefault("local", "celery_ext.local:Transport")
     options = dict(app.conf.broker_transport_options or {})

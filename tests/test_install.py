@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import warnings
 
+import celery
+import kombu
 import pytest
 from celery import Celery
 from kombu import Connection
 
 import celery_ext
-from celery_ext import ConfigurationError, LaneNotInstalled, LocalWorker
+from celery_ext import ConfigurationError, LaneNotInstalled, LocalWorker, _versions
 from celery_ext.local import Lanes, Transport, lane_of
 
 
@@ -136,3 +139,18 @@ def test_install_adds_the_intake_step_and_hands_the_size_cap_to_the_transports(
     custom.conf.broker_transport = "kombu.transport.redis:Transport"
     celery_ext.install(custom, max_message_bytes=1000)
     assert "max_message_bytes is not checked when publishing" in caplog.text
+
+
+def test_install_warns_once_where_celery_or_kombu_is_outside_the_tested_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _versions.untested({"celery": celery.__version__, "kombu": kombu.__version__}) == []
+    assert _versions.untested({"celery": "5.6.3", "kombu": "5.7.0"}) == ["celery 5.6.3"]
+    odd = {"celery": "6.0.0rc1", "kombu": "x"}
+    assert _versions.untested(odd) == ["celery 6.0.0rc1", "kombu x"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tested versions: no warning at all
+        celery_ext.install(Celery("v_ok", broker="local://", set_as_current=False))
+    monkeypatch.setattr(celery, "__version__", "5.6.3")
+    with pytest.warns(RuntimeWarning, match=r"tested on celery 5\.7\.x.*has celery 5\.6\.3"):
+        celery_ext.install(Celery("v_old", broker="local://", set_as_current=False))
