@@ -20,8 +20,13 @@ from typing import Any, TypeVar
 import pytest
 import redis
 from celery import Celery, chain, chord, group, signals, states
+from celery.app.task import Task
+from celery.concurrency.thread import TaskPool as ThreadsPool
 from celery.exceptions import MaxRetriesExceededError, TaskRevokedError
+from celery.utils.imports import symbol_by_name as symbol
 from celery.worker import state as worker_state
+from celery.worker.consumer import Consumer
+from celery.worker.request import Request
 
 import celery_ext
 from celery_ext.timeouts import TimeoutPool, Timeouts
@@ -568,3 +573,91 @@ def test_celerys_own_time_limits_keep_their_meaning_errors_and_moment(make_app: 
         "equal",
         (5, 5),
     )
+
+
+class NotingRequest(Request):  # type: ignore[misc]
+    """A user's own worker Request class: it notes each task it runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        NOTED.append(("request", self.task_name))
+
+
+class HookedTask(Task):  # type: ignore[misc]
+    """A user's own Task base (``task_cls``): hooks and a Request class of its own."""
+
+    Request = NotingRequest
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        NOTED.append(("on_success", retval))
+
+
+NOTED: list[tuple[str, Any]] = []
+
+
+def test_custom_task_class_request_annotations_and_delivery_options_stay_as_declared(
+    make_app: MakeApp,
+) -> None:
+    """``task_cls`` with its own hooks and Request class, the user's ``task_annotations``,
+    ``acks_late``/``reject_on_worker_lost``, priorities and ``broker_transport_options``."""
+
+    def scenario(app: Celery) -> tuple[Any, ...]:
+        NOTED.clear()
+        app.conf.task_annotations = {"dropin.annotated": {"rate_limit": "100/s", "acks_late": True}}
+        app.conf.broker_transport_options = {
+            **(app.conf.broker_transport_options or {}),
+            "visibility_timeout": 4321,
+        }
+        app.Task = app.subclass_with_self(HookedTask)  # what task_cls="module:Class" sets
+
+        @app.task(shared=False, name="dropin.annotated", reject_on_worker_lost=True)
+        def annotated() -> Any:
+            return annotated.request.delivery_info.get("priority")
+
+        app.finalize()
+        task = app.tasks["dropin.annotated"]
+        declared = (
+            task.rate_limit,
+            task.acks_late,
+            task.reject_on_worker_lost,
+            isinstance(task, HookedTask),
+            issubclass(symbol(task.Request), NotingRequest),
+            app.conf.broker_transport_options["visibility_timeout"],
+        )
+        with app.connection_for_write() as conn:
+            visibility = getattr(conn.default_channel, "visibility_timeout", None)
+        with worker(app):
+            value = annotated.apply_async(priority=3).get(timeout=20)
+            # The task's on_success runs just after its result is stored.
+            wait_for(lambda: len(NOTED) == 2, timeout=10)
+        return declared, visibility, value, sorted(NOTED)
+
+    declared, visibility, value, noted = compare(make_app, scenario)
+    assert declared == ("100/s", True, True, True, True, 4321)
+    assert visibility in (4321, None)  # Redis reads it; RabbitMQ has no such thing
+    assert value == 3, value  # the priority reached the task on both brokers
+    assert noted == [("on_success", value), ("request", "dropin.annotated")], noted
+
+
+class NotingPool(ThreadsPool):  # type: ignore[misc]
+    """A user's own pool class (``-P tests.test_dropin:NotingPool``)."""
+
+
+class NotingConsumer(Consumer):  # type: ignore[misc]
+    """A user's own ``worker_consumer`` class."""
+
+
+def test_a_custom_pool_class_and_worker_consumer_stay_the_users(make_app: MakeApp) -> None:
+    def scenario(app: Celery) -> tuple[Any, ...]:
+        app.conf.worker_consumer = f"{__name__}:NotingConsumer"
+
+        @app.task(shared=False, name="dropin.plain")
+        def plain(x: int) -> int:
+            return x * 2
+
+        name = f"dropin-{uuid.uuid4().hex[:8]}@localhost"
+        with embedded_worker(app, pool=NotingPool, hostname=name) as w:
+            wait_for(lambda: app.control.ping(destination=[name], timeout=0.5), timeout=20)
+            return type(w.pool).__name__, type(w.consumer).__name__, plain.delay(21).get(20)
+
+    assert compare(make_app, scenario) == ("NotingPool", "NotingConsumer", 42)
