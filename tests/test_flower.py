@@ -41,6 +41,7 @@ import celery_ext
 ROOT = Path(__file__).parent.parent
 APP = "tests.apps.flower_app"
 PREFETCH_LIMIT = 50
+NOTES = sys.version_info >= (3, 11)  # a dead-lettered failure's note needs exception notes
 T = TypeVar("T")
 
 
@@ -275,7 +276,8 @@ def test_flower_shows_celery_ext_state_and_dead_lettered_and_parked_tasks(
         shelved = poll("the parked task", lambda: task(parked, "PARKED"), 30, worker, flower)
         assert shelved["eta"] and shelved["received"] is None, shelved
         failed = poll("the dead-lettered task", lambda: task(doomed, "FAILURE"), 30, worker)
-        assert "dead-lettered after 2 attempt(s) (attempts)" in failed["traceback"], failed
+        if NOTES:
+            assert "dead-lettered after 2 attempt(s) (attempts)" in failed["traceback"], failed
 
         # The worker counted them: what the worker page shows from here on.
         poll(
@@ -310,7 +312,8 @@ def test_flower_shows_celery_ext_state_and_dead_lettered_and_parked_tasks(
         page = text_of(render(chromium, f"{url}/task/{doomed}", profile))
         screenshot(chromium, f"{url}/task/{doomed}", profile, "flower-dead-lettered-task.png")
         assert "Status FAILURE" in page and "ConnectionError" in page, page
-        assert "celery_ext: dead-lettered after 2 attempt(s) (attempts); entry in" in page, page
+        if NOTES:
+            assert "celery_ext: dead-lettered after 2 attempt(s) (attempts); entry in" in page, page
 
         page = text_of(render(chromium, f"{url}/task/{parked}", profile))
         assert "Status PARKED" in page and re.search(r"ETA \d{4}-\d\d-\d\dT", page), page
