@@ -22,6 +22,7 @@ import redis
 from celery import Celery, chain, chord, group, signals, states
 from celery.app.task import Task
 from celery.concurrency.thread import TaskPool as ThreadsPool
+from celery.contrib.testing.worker import start_worker
 from celery.exceptions import MaxRetriesExceededError, TaskRevokedError
 from celery.utils.imports import symbol_by_name as symbol
 from celery.worker import state as worker_state
@@ -661,3 +662,35 @@ def test_a_custom_pool_class_and_worker_consumer_stay_the_users(make_app: MakeAp
             return type(w.pool).__name__, type(w.consumer).__name__, plain.delay(21).get(20)
 
     assert compare(make_app, scenario) == ("NotingPool", "NotingConsumer", 42)
+
+
+def test_task_routes_send_a_task_to_its_routed_queue(make_app: MakeApp) -> None:
+    def scenario(app: Celery) -> tuple[Any, ...]:
+        default = app.conf.task_default_queue
+        routed = f"{default}.routed"
+        app.conf.task_routes = {"dropin.routed": {"queue": routed}}
+
+        @app.task(shared=False, name="dropin.routed")
+        def routed_task() -> Any:
+            return routed_task.request.delivery_info.get("routing_key")
+
+        name = f"dropin-{uuid.uuid4().hex[:8]}@localhost"
+        try:
+            with start_worker(
+                app,
+                pool="threads",
+                perform_ping_check=False,
+                queues=[default, routed],
+                hostname=name,
+            ):
+                wait_for(lambda: app.control.ping(destination=[name], timeout=0.5), timeout=20)
+                key = routed_task.delay().get(timeout=20)
+                active = app.control.inspect(destination=[name], timeout=5).active_queues()
+                queues = sorted(q["name"] for q in active[name])
+        finally:
+            with app.connection_for_write() as conn:
+                conn.default_channel.queue_delete(routed)
+                conn.default_channel.exchange_delete(routed)  # Celery declared one per queue
+        return key == routed, queues == sorted([default, routed])
+
+    assert compare(make_app, scenario) == (True, True)
