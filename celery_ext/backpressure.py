@@ -50,6 +50,7 @@ from .delays import (
     RedisParking,
     came_back,
     eta_delay,
+    mark_parked,
     parked_queue,
     redis_horizon,
 )
@@ -415,10 +416,11 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
             return False
         headers = message.headers
         try:
-            headers[PARKED_HEADER] = eta
+            mark_parked(headers)
             payload = message if isinstance(self.store, AmqpParking) else message.serializable()
             self.store.park(_queue_of(c, message), payload, delay)
         except Exception:
+            headers.pop(PARKED_HEADER, None)  # held here instead: it must not read as came back
             self.park_errors += 1
             logger.warning("celery_ext: could not park %s; holding it", message.headers.get("id"))
             return False

@@ -106,7 +106,7 @@ from kombu.transport import pyamqp
 from kombu.utils.uuid import uuid
 
 from ._settings import PREFIX, Settings
-from .delays import PARKED_HEADER, RETRY_HEADER, AmqpParking, eta_delay
+from .delays import RETRY_HEADER, AmqpParking, eta_delay, mark_parked
 from .errors import ConfigurationError, QueueFull
 from .sizes import SizeLimited
 
@@ -246,7 +246,7 @@ class Bounds:
 
             bounds.parking(message["headers"])   # then park it
         """
-        headers[PARKED_HEADER] = headers.get("eta")
+        mark_parked(headers)
         self._parking_here.task_id = headers.get("id")
         if not self._listening:  # from the first park on: other publishes pay nothing
             self._listening = True

@@ -57,7 +57,9 @@ __all__ = [
     "RETRY_HEADER",
     "AmqpParking",
     "RedisParking",
+    "came_back",
     "eta_delay",
+    "mark_parked",
     "parked_queue",
     "redis_horizon",
 ]
@@ -69,6 +71,16 @@ RETRY_HEADER = "celery_ext_retry"
 #: worker receiving it with that same ETA knows it comes back from parking (a
 #: retry of it carries the header on with another ETA).
 PARKED_HEADER = "celery_ext_parked"
+
+
+def mark_parked(headers: dict[str, Any]) -> None:
+    """Set :data:`PARKED_HEADER` on a message about to be parked (its ETA).
+
+    Example::
+
+        mark_parked(message.headers)   # then park it
+    """
+    headers[PARKED_HEADER] = headers.get("eta")
 
 
 def came_back(headers: Mapping[str, Any] | None) -> bool:

@@ -270,8 +270,11 @@ def test_flower_shows_celery_ext_state_and_dead_lettered_and_parked_tasks(
 
         # Back from parking and running: UNPARKED (Celery's received and started
         # events cannot replace a state they do not know), then SUCCESS.
-        running = poll("the unparked task running", lambda: task(back, "UNPARKED"), 60, worker)
-        assert running["started"] is not None or task(back, "SUCCESS"), running
+        def unparked_running() -> dict[str, Any] | None:
+            info = task(back, "UNPARKED")
+            return info if info and info["started"] is not None else None
+
+        poll("the unparked task running", unparked_running, 60, worker)
         poll("the unparked task done", lambda: task(back, "SUCCESS"), 30, worker)
         shelved = poll("the parked task", lambda: task(parked, "PARKED"), 30, worker, flower)
         assert shelved["eta"] and shelved["received"] is None, shelved

@@ -247,8 +247,8 @@ def test_parked_tasks_are_sent_as_events_until_they_come_back(
     def of(task_id: str) -> list[str]:
         return [e["type"] for e in list(seen) if e.get("uuid") == task_id]
 
-    def first(kind: str, task_id: str) -> dict[str, Any]:
-        return next(e for e in list(seen) if e["type"] == kind and e.get("uuid") == task_id)
+    def first(event: str, task_id: str) -> dict[str, Any]:
+        return next(e for e in list(seen) if e["type"] == event and e.get("uuid") == task_id)
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
