@@ -20,6 +20,7 @@ import click
 import kombu.transport
 
 from . import (
+    _compat,
     _settings,
     _tasks,
     _versions,
@@ -183,7 +184,7 @@ def install(app: Celery, **overrides: Any) -> Settings:
             [flag], type=kind, default=None, callback=check, help=f"celery_ext: {help_text}"
         )
         app.user_options["worker"].add(option)
-    if app.amqp_cls == _STOCK_AMQP and "amqp" not in app.__dict__:
+    if app.amqp_cls == _STOCK_AMQP and not _compat.amqp_created(app):
         app.amqp_cls = "celery_ext.local:LaneAMQP"  # a faster publish path on local://
     bounds.setup(app, settings)
     sizes.setup(app, settings)  # after bounds chose the transports it checks on

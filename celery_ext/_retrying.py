@@ -21,6 +21,7 @@ from celery import Task, current_task
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 from celery.worker import state as worker_state
 
+from . import _compat
 from ._settings import settings_of
 from .deadletter import DeadLetters
 from .delays import RETRY_HEADER
@@ -246,7 +247,7 @@ class RetryingRequest(CountingRequest):
         if policy is None or worker_state.should_terminate:
             return False
         limit = float(exc.args[0]) if exc.args and isinstance(exc.args[0], (int, float)) else 0.0
-        context = self._context
+        context = _compat.request_context(self)
         kind, wait_s, reason, first, attempts = _plan(
             policy, context, exc, False, time.time() - limit
         )

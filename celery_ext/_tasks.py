@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Celery
 
-from . import _retrying, durability, shutdown, timeouts
+from . import _compat, _retrying, durability, shutdown, timeouts
 
 __all__ = ["TaskOptions", "add_task_options", "apply_all", "apply_task_options"]
 
@@ -77,6 +77,6 @@ def add_task_options(app: Celery) -> None:
     elif not isinstance(annotations, (list, tuple)):
         annotations = [annotations]
     app.conf.task_annotations = [TaskOptions(), *annotations]
-    app.__dict__.pop("annotations", None)  # Celery caches the prepared list
+    _compat.reset_annotations(app)
     if app.finalized:
         apply_all(app)

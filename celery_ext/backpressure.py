@@ -42,6 +42,7 @@ from typing import Any
 from celery import bootsteps
 from celery.worker import state as worker_state
 
+from . import _compat
 from ._settings import settings_of
 from .bounds import BOUNDS_OPTION, Bounds
 from .delays import (
@@ -226,7 +227,7 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
             self._forget_eta(getattr(request, "message", None))
             return release(request)
 
-        c.apply_eta_task = apply_eta_task
+        _compat.replace_consumer_method(c, "apply_eta_task", apply_eta_task)
         super().__init__(c, **kwargs)
 
     def start(self, c: Any) -> None:
@@ -259,7 +260,7 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         c.celery_ext_wrap_strategy = lambda strategy: self.wrap(c, strategy)
         c.celery_ext_backpressure = self
         # Celery calls this from the ack callback (a pool thread on the threads pool).
-        c._restore_prefetch_count_after_connection_restart = lambda *_: self._restore_prefetch(c)
+        _compat.replace_prefetch_restore(c, lambda: self._restore_prefetch(c))
         if isinstance(self.store, AmqpParking) and self.mover is None:
             self.mover = _AmqpMover(c.app, self.store.prefix, self.park_interval_s)
         if isinstance(self.store, RedisParking) and self._timer_entry is None:
@@ -289,16 +290,16 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         only ``qos.value`` changes; the loop sends it before it reads again.
         The window grows back to the ready window, not beyond it.
         """
-        with c.qos._mutex:
+        with _compat.qos_lock(c.qos):
             reduction = c.app.conf.worker_enable_prefetch_count_reduction
-            if c._maximum_prefetch_restored or not reduction:
+            if _compat.prefetch_restored(c) or not reduction:
                 return
             window = min(int(c.max_prefetch_count), self.ready_window)
             new = min(window, int(c.initial_prefetch_count) + int(c.prefetch_multiplier))
             eta = self.eta_held(c)
             c.initial_prefetch_count = new
             c.qos.value = min(int(c.qos.max_prefetch or QOS_MAX), new + eta)
-            c._maximum_prefetch_restored = new >= window
+            _compat.set_prefetch_restored(c, new >= window)
 
     def parked_now(self, c: Any) -> int | None:
         """Messages parked for this worker's queues now, by anyone (a producer too).

@@ -105,6 +105,7 @@ from celery.utils.saferepr import saferepr
 from kombu.transport import pyamqp
 from kombu.utils.uuid import uuid
 
+from . import _compat
 from ._settings import PREFIX, Settings
 from .delays import RETRY_HEADER, AmqpParking, eta_delay, mark_parked
 from .errors import ConfigurationError, QueueFull
@@ -520,11 +521,10 @@ class _Publish:
     kwargs: dict[str, Any]
 
 
-class AmqpChannel(_Collecting, SizeLimited, pyamqp.Channel):  # type: ignore[misc]
+class AmqpChannel(_Collecting, SizeLimited, _compat.AmqpChannel):
     """kombu's py-amqp channel with queue bounds; see the module docstring."""
 
     _probe: Any = None
-    _confirm_selected: bool  # set by py-amqp
     _sent = 0  # publishes since confirm.select: the broker's delivery tags
 
     @property
@@ -578,20 +578,20 @@ class AmqpChannel(_Collecting, SizeLimited, pyamqp.Channel):  # type: ignore[mis
         self._sent = 0
         return super().confirm_select(nowait)
 
-    def _basic_publish(self, *args: Any, **kwargs: Any) -> Any:
-        if self._confirm_selected:
+    def send_publish(self, *args: Any, **kwargs: Any) -> Any:
+        if self.confirm_selected:
             self._sent += 1
-        return super()._basic_publish(*args, **kwargs)
+        return super().send_publish(*args, **kwargs)
 
     def basic_publish(
         self, msg: Any, exchange: str = "", routing_key: str = "", **kwargs: Any
     ) -> Any:
-        return self._publish(False, msg, exchange, routing_key, kwargs)
+        return self._route_publish(False, msg, exchange, routing_key, kwargs)
 
     def basic_publish_confirm(
         self, msg: Any, exchange: str = "", routing_key: str = "", **kwargs: Any
     ) -> Any:
-        return self._publish(True, msg, exchange, routing_key, kwargs)
+        return self._route_publish(True, msg, exchange, routing_key, kwargs)
 
     _parking_now = False
 
@@ -621,7 +621,7 @@ class AmqpChannel(_Collecting, SizeLimited, pyamqp.Channel):  # type: ignore[mis
             self._parking_now = False
         return True
 
-    def _publish(
+    def _route_publish(
         self, confirm: bool, msg: Any, exchange: str, routing_key: str, kwargs: dict[str, Any]
     ) -> Any:
         if self._park_at_publish(msg, exchange, routing_key):
@@ -630,7 +630,7 @@ class AmqpChannel(_Collecting, SizeLimited, pyamqp.Channel):  # type: ignore[mis
         call = props.pop(OPTION, None)
         bounds = self.bounds
         if bounds is None:
-            return self._send(confirm, msg, exchange, routing_key, kwargs)
+            return self._send_now(confirm, msg, exchange, routing_key, kwargs)
         queue = bounds.queue_for(exchange, routing_key)
         checked = hard = None
         if queue is not None:
@@ -640,7 +640,7 @@ class AmqpChannel(_Collecting, SizeLimited, pyamqp.Channel):  # type: ignore[mis
             hard = bounds.declared.get(queue, bounds.limits.get(queue))
         collector = self._collector
         if collector is None and checked is None and (hard is None or not confirm):
-            return self._send(confirm, msg, exchange, routing_key, kwargs)
+            return self._send_now(confirm, msg, exchange, routing_key, kwargs)
         task_id = (props.get("application_headers") or {}).get("id")
         publish = _Publish(msg, exchange, routing_key, kwargs)
         item = _Pending(queue or routing_key, checked, task_id, publish, hard)
@@ -652,12 +652,12 @@ class AmqpChannel(_Collecting, SizeLimited, pyamqp.Channel):  # type: ignore[mis
             raise refusal
         return None
 
-    def _send(
+    def _send_now(
         self, confirm: bool, msg: Any, exchange: str, routing_key: str, kwargs: dict[str, Any]
     ) -> Any:
         if confirm:
             return super().basic_publish_confirm(msg, exchange, routing_key, **kwargs)
-        return self._basic_publish(msg, exchange, routing_key, **kwargs)
+        return self.send_publish(msg, exchange, routing_key, **kwargs)
 
     def _flush_run(self, run: list[_Pending]) -> tuple[list[_Pending], QueueFull | None]:
         queue, checked, hard = run[0].queue, run[0].limit, run[0].hard_limit
@@ -690,9 +690,7 @@ class AmqpChannel(_Collecting, SizeLimited, pyamqp.Channel):  # type: ignore[mis
         """Publish ``items`` at once, then wait for every confirm; return (acked, nacked)."""
         if not items:
             return [], []
-        if not self._confirm_selected:
-            self._confirm_selected = True
-            self.confirm_select()
+        self.ensure_confirms()
         first = self._sent + 1  # the broker numbers confirms per channel from 1
         last = first + len(items) - 1
         outcome: dict[int, bool] = {}
@@ -712,7 +710,7 @@ class AmqpChannel(_Collecting, SizeLimited, pyamqp.Channel):  # type: ignore[mis
         try:
             for item in items:
                 p = item.payload
-                self._basic_publish(p.msg, p.exchange, p.routing_key, **p.kwargs)
+                self.send_publish(p.msg, p.exchange, p.routing_key, **p.kwargs)
             deadline = time.monotonic() + _CONFIRM_TIMEOUT_S
             while len(outcome) < len(items):
                 self.connection.drain_events(timeout=max(0.0, deadline - time.monotonic()))
@@ -871,7 +869,7 @@ class _Plan:
         self, app: Celery, task: Task, queue: str | None, options: dict[str, Any], first: Pair
     ) -> None:
         args, kwargs = first
-        opts: dict[str, Any] = {**task._get_exec_options(), **options}
+        opts: dict[str, Any] = {**_compat.task_exec_options(task), **options}
         if queue is not None:
             opts["queue"] = queue
         opts.setdefault("ignore_result", task.ignore_result)
@@ -972,7 +970,7 @@ def enqueue_many(
     """
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk={chunk!r}: expected an integer >= 1")
-    app: Celery = task._get_app()
+    app: Celery = _compat.task_app(task)
     Bounds.of(app)  # installed?
     if kwargs_iter is None:
         pairs: Iterator[Pair] = ((a, {}) for a in args_iter)

@@ -51,6 +51,8 @@ from celery.utils.time import maybe_make_aware
 from kombu.transport import native_delayed_delivery as _native
 from kombu.utils.json import dumps
 
+from . import _compat
+
 __all__ = [
     "AMQP_MAX_DELAY_S",
     "PARKED_HEADER",
@@ -184,8 +186,8 @@ class RedisParking:
 
     def _keys(self, queue: str, raw: dict[str, Any]) -> tuple[str, str]:
         """(sorted-set key, target list key), both with the global prefix applied."""
-        priority = self.channel._get_message_priority(raw, reverse=False)
-        target = self._prefix + self.channel._q_for_pri(queue, priority)
+        priority = _compat.redis_message_priority(self.channel, raw)
+        target = self._prefix + _compat.redis_list_key(self.channel, queue, priority)
         return f"{self._registry}:{target}", target
 
     def park(self, queue: str, raw: dict[str, Any], delay_s: float) -> float:
@@ -219,7 +221,7 @@ class RedisParking:
         """
         total = 0
         for priority in self.channel.priority_steps:
-            target = self._prefix + self.channel._q_for_pri(queue, priority)
+            target = self._prefix + _compat.redis_list_key(self.channel, queue, priority)
             total += int(self.client.zcard(f"{self._registry}:{target}"))
         return total
 

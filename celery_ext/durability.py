@@ -42,6 +42,7 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.worker import state as worker_state
 
+from . import _compat
 from ._settings import settings_of
 from .errors import ConfigurationError, PoolNotAllowed
 
@@ -104,7 +105,7 @@ def apply_task_options(task: Any) -> None:
 
     @functools.wraps(original)
     def apply_async(self: Any, *args: Any, **options: Any) -> Any:
-        app = self._get_app()
+        app = _compat.task_app(self)
         if (
             options.get("connection") is None
             and options.get("producer") is None

@@ -70,6 +70,7 @@ from kombu import Message
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.utils.uuid import uuid
 
+from . import _compat
 from ._settings import settings_of
 from .deadletter import DeadLetters
 from .errors import MessageTooLarge
@@ -130,15 +131,15 @@ class Intake(bootsteps.StartStopStep):  # type: ignore[misc]
             self.stock[hook] = stock = _unwrapped(getattr(c, hook))
             wrapped = functools.wraps(stock)(getattr(self, f"_{hook}")(c, stock))
             wrapped.celery_ext_intake = True  # type: ignore[attr-defined]
-            setattr(c, hook, wrapped)
-        c.task_consumer.on_decode_error = c.on_decode_error
+            _compat.replace_consumer_method(c, hook, wrapped)
+        _compat.replace_consumer_method(c.task_consumer, "on_decode_error", c.on_decode_error)
         c.celery_ext_intake = self
 
     def stop(self, c: Any) -> None:
         for hook in _HOOKS:
-            current = c.__dict__.get(hook)
+            current = _compat.replaced_method(c, hook)
             if current is not None and getattr(current, "celery_ext_intake", False):
-                setattr(c, hook, current.__wrapped__)
+                _compat.replace_consumer_method(c, hook, current.__wrapped__)  # type: ignore[attr-defined]
 
     # -- the wrapped hooks ------------------------------------------------------
     def _on_decode_error(self, c: Any, stock: Any) -> Callable[..., Any]:

@@ -62,6 +62,7 @@ from typing import Any
 from celery import bootsteps
 from celery.worker import state as worker_state
 
+from . import _compat
 from ._settings import settings_of
 from .shutdown import kept_written, requests_now
 
@@ -85,7 +86,7 @@ def _held_tags(c: Any) -> set[str]:
     """Delivery tags of the messages this worker holds and has not acked."""
     requests = requests_now(worker_state.reserved_requests, worker_state.active_requests)
     requests += kept_written(c)  # prefork, warm shutdown: a child runs them
-    messages = [getattr(r, "_message", None) for r in requests]
+    messages = [_compat.request_message(r) for r in requests]
     backpressure = getattr(c, "celery_ext_backpressure", None)
     if backpressure is not None:
         messages += list(backpressure._eta_messages)
@@ -129,7 +130,7 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
         self.identity = f"{c.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         super().__init__(c, **kwargs)
 
-    def _key(self, kind: str, identity: str) -> str:
+    def _lease_key(self, kind: str, identity: str) -> str:
         return f"{self.prefix}.lease.{kind}:{identity}"
 
     def start(self, c: Any) -> None:
@@ -144,11 +145,13 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
         self.interval_s = min(self.interval_s, visibility / 3)
         # The channel's synchronous pool: usable from our thread, unlike its
         # event-loop client.
-        self._channel, self._client, self._c = channel, channel._create_client(), c
+        self._channel, self._client, self._c = channel, _compat.sync_client(channel), c
         # Alive before the first delivery: from now on each delivered tag joins the
         # owned set as kombu records it (see bounds._RecordingQoS).
-        self._client.set(self._key("alive", self.identity), 1, ex=math.ceil(self.dead_after_s))
-        channel.celery_ext_owned_key = self._key("owned", self.identity)
+        self._client.set(
+            self._lease_key("alive", self.identity), 1, ex=math.ceil(self.dead_after_s)
+        )
+        channel.celery_ext_owned_key = self._lease_key("owned", self.identity)
         for name, strategy in list(c.strategies.items()):
             c.strategies[name] = self._noting(strategy)
         if self._thread is None or not self._thread.is_alive():
@@ -195,12 +198,12 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
         """
         c, client, channel = self._c, self._client, self._channel
         tags = _held_tags(c)
-        owned = self._key("owned", self.identity)
+        owned = self._lease_key("owned", self.identity)
         pipe = client.pipeline()  # MULTI/EXEC: owned set and heartbeat change together
         if tags:
             pipe.zadd(channel.unacked_index_key, dict.fromkeys(tags, time.time()), xx=True)
             pipe.sadd(owned, *tags)
-        pipe.set(self._key("alive", self.identity), 1, ex=math.ceil(self.dead_after_s))
+        pipe.set(self._lease_key("alive", self.identity), 1, ex=math.ceil(self.dead_after_s))
         pipe.execute()
         self.renewals += 1
         self._reclaim(client, channel, tags, owned)
@@ -235,12 +238,12 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
             )
 
     def _recover(self, client: Any, channel: Any, me: str) -> None:
-        head = self._key("owned", "")
-        mine = self._key("owned", me)
+        head = self._lease_key("owned", "")
+        mine = self._lease_key("owned", me)
         for raw in client.scan_iter(match=f"{head}*", count=200):
             key = _text(raw)
             identity = key[len(head) :]
-            if identity == me or client.exists(self._key("alive", identity)):
+            if identity == me or client.exists(self._lease_key("alive", identity)):
                 continue
             # Take the set over in one transaction: one survivor gets it, and the
             # tags stay owned (by us) until restored, so our own death in between
@@ -289,14 +292,14 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
         never acked.
         """
         client, channel = self._client, self._channel
-        owned = self._key("owned", self.identity)
+        owned = self._lease_key("owned", self.identity)
         held = _held_tags(c)
         members = set(map(_text, client.smembers(owned)))
         for tag in sorted(members - held):
             channel.qos.restore_by_tag(tag, client=client, leftmost=True)
             client.srem(owned, tag)
         if not members & held:
-            client.delete(owned, self._key("alive", self.identity))
+            client.delete(owned, self._lease_key("alive", self.identity))
 
     @property
     def enabled_here(self) -> bool:

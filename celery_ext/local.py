@@ -56,7 +56,6 @@ from types import TracebackType
 from typing import Any
 
 from celery import Celery, bootsteps, signals
-from celery._state import _set_task_join_will_block
 from celery.app.amqp import AMQP
 from celery.app.trace import build_tracer
 from celery.exceptions import ImproperlyConfigured
@@ -66,7 +65,7 @@ from kombu import Producer
 from kombu.transport import virtual
 from kombu.utils.imports import symbol_by_name
 
-from . import bounds
+from . import _compat, bounds
 from ._settings import Settings, settings_of
 from .errors import LaneNotInstalled, PoolNotAllowed, QueueFull
 from .sizes import SizeLimited
@@ -540,7 +539,7 @@ class Lanes:
         return lanes
 
 
-class Channel(SizeLimited, virtual.Channel):  # type: ignore[misc]
+class Channel(SizeLimited, _compat.VirtualChannel):
     """A channel on a :class:`Lane`; see the module docstring."""
 
     body_encoding = None  # bodies stay in memory: no base64 round trip
@@ -554,16 +553,16 @@ class Channel(SizeLimited, virtual.Channel):  # type: ignore[misc]
         self.last_put_shed = False  # enqueue_many leaves shed ids out
         super().__init__(connection, **kwargs)
 
-    def _next_delivery_tag(self) -> int:
+    def storage_next_tag(self) -> int:
         return self.lane.next_tag()
 
-    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+    def storage_has(self, queue: str, **kwargs: Any) -> bool:
         return self.lane.has(queue)
 
-    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+    def storage_declare(self, queue: str, **kwargs: Any) -> None:
         self.lane.declare(queue, transient=bool(kwargs.get("auto_delete")))
 
-    def _get(self, queue: str, timeout: float | None = None) -> Message:
+    def storage_get(self, queue: str, timeout: float | None = None) -> Message:
         message = self.lane.pop(queue, track=queue not in self._no_ack_queues)
         if message is None:
             raise Empty()
@@ -577,7 +576,7 @@ class Channel(SizeLimited, virtual.Channel):  # type: ignore[misc]
             kwargs[bounds.LIMIT_KW] = bounds.check_limit(call, f"apply_async({bounds.OPTION})")
         return super().basic_publish(message, exchange, routing_key, **kwargs)
 
-    def _put(self, queue: str, message: Message, **kwargs: Any) -> None:
+    def storage_put(self, queue: str, message: Message, **kwargs: Any) -> None:
         lane = self.lane
         self.last_put_shed = False
         limits = self.connection.client.transport_options.get(bounds.BOUNDS_OPTION)
@@ -603,27 +602,29 @@ class Channel(SizeLimited, virtual.Channel):  # type: ignore[misc]
         if not kept:
             limits.count_shed(queue, 1)
 
-    def _put_fanout(self, exchange: str, message: Message, routing_key: str, **kwargs: Any) -> None:
-        for queue in self._lookup(exchange, routing_key):
+    def storage_put_fanout(
+        self, exchange: str, message: Message, routing_key: str, **kwargs: Any
+    ) -> None:
+        for queue in self.lookup(exchange, routing_key):
             self.lane.put(queue, message)
 
-    def _size(self, queue: str) -> int:
+    def storage_size(self, queue: str) -> int:
         return self.lane.depth(queue)
 
-    def _purge(self, queue: str) -> int:
+    def storage_purge(self, queue: str) -> int:
         return self.lane.purge(queue)
 
-    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
+    def storage_delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
         self.lane.delete(queue)
 
-    def _queue_bind(self, *args: Any) -> None:
+    def storage_bind(self, *args: Any) -> None:
         pass
 
-    def _restore(self, message: Any) -> None:
+    def storage_restore(self, message: Any) -> None:
         info = message.delivery_info
         raw = message.serializable()
         raw["redelivered"] = True
-        for queue in self._lookup(info["exchange"], info["routing_key"]):
+        for queue in self.lookup(info["exchange"], info["routing_key"]):
             self.lane.restore(queue, raw, message.delivery_tag)
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
@@ -643,7 +644,7 @@ class Channel(SizeLimited, virtual.Channel):  # type: ignore[misc]
         return result
 
     def basic_cancel(self, consumer_tag: Any) -> Any:
-        queue = self._tag_to_queue.get(consumer_tag) if consumer_tag in self._consumers else None
+        queue = self.consumer_queue(consumer_tag)
         result = super().basic_cancel(consumer_tag)
         if queue is not None:
             self.lane.consuming(queue, -1)
@@ -661,7 +662,7 @@ class Channel(SizeLimited, virtual.Channel):  # type: ignore[misc]
         pass
 
 
-class Transport(virtual.Transport):  # type: ignore[misc]
+class Transport(_compat.VirtualTransport):
     """kombu transport for ``local://`` URLs (registered by ``install(app)``).
 
     Example::
@@ -720,9 +721,9 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             watch: list[str] = []
             blocked = False  # some consumer's prefetch window is full: acks matter too
             for channel in self.channels:
-                if channel._consumers:
+                if channel.consuming:
                     if channel.qos.can_consume():
-                        watch.extend(channel._active_queues)
+                        watch.extend(channel.consumed_queues)
                     else:
                         blocked = True
             snap = lane.snapshot(watch)
@@ -737,17 +738,17 @@ class Transport(virtual.Transport):  # type: ignore[misc]
     def _deliver_ready(self, limit: int = 64) -> int:
         """Deliver up to ``limit`` ready messages, round-robin over consumed queues."""
         pop = self.lane.pop
-        callbacks = self._callbacks
+        callbacks = self.delivery_callbacks
         delivered = 0
         progress = True
         while progress and delivered < limit:
             progress = False
             for channel in list(self.channels):
-                if not channel._consumers:
+                if not channel.consuming:
                     continue
                 qos = channel.qos
                 no_ack = channel._no_ack_queues
-                for queue in list(channel._active_queues):
+                for queue in list(channel.consumed_queues):
                     if not qos.can_consume():
                         break
                     raw = pop(queue, queue not in no_ack)
@@ -755,7 +756,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
                         continue
                     callback = callbacks.get(queue)
                     if callback is None:
-                        self._deliver(raw, queue)
+                        self.deliver(raw, queue)
                     else:
                         callback(raw)
                     delivered += 1
@@ -841,7 +842,7 @@ class LaneAMQP(AMQP):  # type: ignore[misc]
 
     @property
     def producer_pool(self) -> Any:
-        if self.__dict__.get("_producer_pool") is None and is_local(self.app):
+        if not _compat.producer_pool_created(self) and is_local(self.app):
             self._producer_pool = LaneProducerPool(self.app)
         return super().producer_pool
 
@@ -933,7 +934,7 @@ class WakeableTimer(timer2.Timer):  # type: ignore[misc]
         self.scheduler = iter(self.schedule)
         try:
             while not self._stopping.is_set():
-                delay = self._next_entry()
+                delay = next(self)
                 if delay:
                     if self.on_tick:
                         self.on_tick(delay)
@@ -1165,7 +1166,7 @@ class LocalWorker:
         # The worker marks the whole process as "inside a worker", where result.get()
         # is refused; the embedding code is not a task (Celery's own embedded test
         # worker resets it the same way).
-        _set_task_join_will_block(False)
+        _compat.set_task_join_will_block(False)
         return self
 
     def consumed_queues(self) -> list[str]:
@@ -1236,7 +1237,7 @@ class LocalWorker:
             return False
         # Early-acked tasks are settled on the lane while they still run: ask the worker.
         for requests in (worker_state.active_requests, worker_state.reserved_requests):
-            if any(getattr(r, "_app", None) is app for r in list(requests)):
+            if any(_compat.request_app(r) is app for r in list(requests)):
                 return False
         return True
 

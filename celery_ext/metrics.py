@@ -51,6 +51,7 @@ from celery.exceptions import Retry, TimeLimitExceeded
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
+from . import _compat
 from ._http import listen, url_of
 from ._settings import settings_of
 from .errors import HandedBack
@@ -321,10 +322,9 @@ def stats_section(stats: dict[str, Any]) -> dict[str, Any] | None:
 
 def _pool_info(pool: Any) -> dict[str, Any]:
     try:
-        info = pool._get_info() if pool is not None else {}
+        return _compat.pool_info(pool)
     except Exception:  # a pool between stop and start
         return {}
-    return info if isinstance(info, dict) else {}
 
 
 class Section(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -354,12 +354,12 @@ class Section(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.port is not None:
             # Bound as the worker is built: a taken port stops the start with one
             # clear line, instead of a consumer restarting on an "OSError" forever.
-            self._serve(self.port)
+            self._serve_http(self.port)
 
     def start(self, c: Any) -> None:
         self.consumer = c
 
-    def _serve(self, port: int) -> None:
+    def _serve_http(self, port: int) -> None:
         from prometheus_client import CollectorRegistry
         from prometheus_client.exposition import MetricsHandler
 

@@ -79,7 +79,7 @@ class Probes(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.port is not None:
             # Bound as the worker is built: a taken port stops the start with one
             # clear line, instead of a consumer restarting on an "OSError" forever.
-            self._serve(self.port)
+            self._serve_http(self.port)
 
     # -- state ------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -160,7 +160,7 @@ class Probes(bootsteps.StartStopStep):  # type: ignore[misc]
                 "celery_ext: could not write the probe file %s", self.path, exc_info=True
             )
 
-    def _serve(self, port: int) -> None:
+    def _serve_http(self, port: int) -> None:
         probes = self
 
         class Handler(BaseHTTPRequestHandler):

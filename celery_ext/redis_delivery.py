@@ -51,6 +51,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 from kombu.utils.json import dumps, loads
 
+from . import _compat
+
 __all__ = ["IDLE_WAIT_S", "AtomicDelivery", "RecordingQoS"]
 
 logger = logging.getLogger(__name__)
@@ -138,7 +140,7 @@ class RecordingQoS(kombu_redis.QoS):  # type: ignore[misc]
                 pipe.hset(
                     self.unacked_key,
                     delivery_tag,
-                    dumps([message._raw, info["exchange"], info["routing_key"]]),
+                    dumps([_compat.message_raw(message), info["exchange"], info["routing_key"]]),
                 )
                 if owned is not None:
                     pipe.sadd(owned, delivery_tag)
@@ -146,7 +148,7 @@ class RecordingQoS(kombu_redis.QoS):  # type: ignore[misc]
         except Exception:
             keep = getattr(channel, "celery_ext_keep_unrecorded", None)
             if keep is not None:
-                keep((message._raw, info["exchange"], info["routing_key"]))
+                keep((_compat.message_raw(message), info["exchange"], info["routing_key"]))
             raise
         kombu_virtual.QoS.append(self, message, delivery_tag)
 
@@ -159,7 +161,7 @@ class AtomicDelivery:
 
     Example::
 
-        class RedisChannel(AtomicDelivery, kombu_redis.Channel):
+        class RedisChannel(AtomicDelivery, _compat.RedisChannel):
             ...
     """
 
@@ -197,9 +199,10 @@ class AtomicDelivery:
         if not items:
             return
         try:
-            with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
+            me: Any = self
+            with me.conn_or_acquire() as client, client.pipeline() as pipe:
                 for payload, exchange, routing_key in items:
-                    self._do_restore_message(payload, exchange, routing_key, pipe, leftmost=True)  # type: ignore[attr-defined]
+                    me.restore_payload(payload, exchange, routing_key, pipe, leftmost=True)
                 pipe.execute()
         except Exception:
             for item in items:
@@ -246,25 +249,28 @@ class AtomicDelivery:
         try:
             with me.conn_or_acquire() as client:
                 for pri in me.priority_steps:
-                    key = prefix + me._q_for_pri(queue, pri)
+                    key = prefix + _compat.redis_list_key(self, queue, pri)
                     for raw in client.lrange(key + UNREADABLE_SUFFIX, 0, -1):
                         self._unreadable(key, raw, queue, _why_unreadable(raw))
         except me.connection_errors:
             logger.debug("celery_ext: could not look at held items of %r", queue, exc_info=True)
 
     # -- consuming -----------------------------------------------------------
-    def _brpop_start(self, timeout: float | None = None) -> None:
+    def poll_start(self, timeout: float | None = None) -> None:
         me: Any = self
         if self._celery_ext_no_ack and self._celery_ext_no_ack & set(me.active_queues):
-            return super()._brpop_start(timeout)  # type: ignore[misc,no-any-return]
-        queues = me._queue_cycle.consume(len(me.active_queues))
+            return super().poll_start(timeout)  # type: ignore[misc,no-any-return]
+        queues = me.next_queues()
         if not queues:
             return None
         prefix = me.global_keyprefix or ""
-        lists = [prefix + me._q_for_pri(q, pri) for pri in me.priority_steps for q in queues]
+        lists = [
+            prefix + _compat.redis_list_key(self, q, pri)
+            for pri in me.priority_steps
+            for q in queues
+        ]
         connection = me.client.connection
-        me._in_poll = connection
-        me._brpop_sent_at = time.monotonic()
+        me.mark_polling(connection)
         if self._celery_ext_waiting:
             # The last pop found nothing: block until the first list has a message
             # (moved tail to tail: left where it was), or IDLE_WAIT_S passes.
@@ -283,58 +289,51 @@ class AtomicDelivery:
         )
         return None
 
-    def _brpop_read(self, **options: Any) -> Any:
+    def poll_read(self, **options: Any) -> Any:
         me: Any = self
         if self._celery_ext_no_ack and self._celery_ext_no_ack & set(me.active_queues):
-            return super()._brpop_read(**options)  # type: ignore[misc]
+            return super().poll_read(**options)  # type: ignore[misc]
         waited, self._celery_ext_waiting = self._celery_ext_waiting, False
         try:
-            try:
-                reply = me.client.parse_response(me.client.connection, "EVAL", **options)
-            except me.connection_errors:
-                me.client.connection.disconnect()  # the next poll reconnects
-                raise
-            if waited or not reply:
-                self._celery_ext_waiting = not waited  # pop found nothing: wait next
-                raise kombu_redis.Empty()
-            key, item, *recorded = reply
-            key = key.decode() if isinstance(key, bytes) else str(key)
-            raw = item if isinstance(item, bytes) else str(item).encode()
-            prefix = me.global_keyprefix or ""
-            dest = key[len(prefix) :].rsplit(me.sep, 1)[0]  # no priority suffix
-            me._queue_cycle.rotate(dest)
-            if not recorded:  # not JSON, or no kombu envelope: held by the script
-                self._unreadable(key, raw, dest, _why_unreadable(raw))
-                raise kombu_redis.Empty()
-            tag = recorded[0].decode() if isinstance(recorded[0], bytes) else str(recorded[0])
-            try:
-                payload = loads(raw.decode())
-            except Exception as exc:  # JSON to Redis's cjson, not to Python's
-                self._unreadable(key, raw, dest, exc, tag)
-                raise kombu_redis.Empty() from None
-            self._celery_ext_recorded = tag
-            try:
-                me.connection._deliver(payload, dest)
-            except UnreadableMessage as exc:
-                self._unreadable(key, raw, dest, exc, tag)
-                raise kombu_redis.Empty() from None
-            finally:
-                self._celery_ext_recorded = None
-            return True
+            reply = me.client.parse_response(me.client.connection, "EVAL", **options)
+        except me.connection_errors:
+            me.client.connection.disconnect()  # the next poll reconnects
+            raise
+        if waited or not reply:
+            self._celery_ext_waiting = not waited  # pop found nothing: wait next
+            raise kombu_redis.Empty()
+        key, item, *recorded = reply
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        prefix = me.global_keyprefix or ""
+        dest = key[len(prefix) :].rsplit(me.sep, 1)[0]  # no priority suffix
+        me.polled(dest)
+        if not recorded:  # not JSON, or no kombu envelope: held by the script
+            self._unreadable(key, raw, dest, _why_unreadable(raw))
+            raise kombu_redis.Empty()
+        tag = recorded[0].decode() if isinstance(recorded[0], bytes) else str(recorded[0])
+        try:
+            payload = loads(raw.decode())
+        except Exception as exc:  # JSON to Redis's cjson, not to Python's
+            self._unreadable(key, raw, dest, exc, tag)
+            raise kombu_redis.Empty() from None
+        self._celery_ext_recorded = tag
+        try:
+            me.deliver(payload, dest)
+        except UnreadableMessage as exc:
+            self._unreadable(key, raw, dest, exc, tag)
+            raise kombu_redis.Empty() from None
         finally:
-            me._in_poll = None
-            flush = getattr(me, "_flush_brpop_reauth", None)
-            if flush is not None:
-                flush()
+            self._celery_ext_recorded = None
+        return True
 
-    def _connparams(self, asynchronous: bool = False) -> Any:
+    def check_open(self) -> None:
         # kombu: after Celery collects a connection lost mid-poll, a late ack or a
         # second close on its channel rebuilds a pool from a transport whose client
         # is None. The AttributeError is no connection error, so the worker died
         # ("Unrecoverable error"); a connection error is handled (and retried).
         if getattr(getattr(self, "connection", None), "client", None) is None:
             raise redis.ConnectionError("this channel's connection was closed")
-        return super()._connparams(asynchronous)  # type: ignore[misc]
 
 
 def _why_unreadable(raw: bytes) -> BaseException:

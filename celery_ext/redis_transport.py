@@ -21,6 +21,7 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
+from . import _compat
 from .bounds import (
     BOUNDS_OPTION,
     LIMIT_KW,
@@ -62,7 +63,7 @@ return {n, depth}
 """
 
 
-class RedisChannel(_Collecting, SizeLimited, AtomicDelivery, kombu_redis.Channel):  # type: ignore[misc]
+class RedisChannel(_Collecting, SizeLimited, AtomicDelivery, _compat.RedisChannel):
     """kombu's Redis channel with bounded, atomic pushes (see the module docstring)
     and deliveries a crash cannot drop (:mod:`celery_ext.redis_delivery`)."""
 
@@ -116,7 +117,7 @@ class RedisChannel(_Collecting, SizeLimited, AtomicDelivery, kombu_redis.Channel
         self._parking.park(queue, message, delay)
         return True
 
-    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+    def storage_put(self, queue: str, message: Any, **kwargs: Any) -> None:
         if self._park_at_publish(queue, message):
             return None
         call = kwargs.pop(LIMIT_KW, None)
@@ -124,10 +125,11 @@ class RedisChannel(_Collecting, SizeLimited, AtomicDelivery, kombu_redis.Channel
         limit = bounds.limit(queue, message["headers"].get("task"), call) if bounds else None
         collector = self._collector
         if bounds is None or (limit is None and collector is None):
-            return super()._put(queue, message, **kwargs)  # type: ignore[no-any-return]
+            return super().storage_put(queue, message, **kwargs)
         # Bounded (or collected) messages skip kombu's Producer.batch pipeline: the
         # bound is checked when they are pushed, so they are pushed now (or at flush).
-        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        priority = _compat.redis_message_priority(self, message)
+        key = _compat.redis_list_key(self, queue, priority)
         item = _Pending(queue, limit, message["headers"].get("id"), (key, dumps(message)))
         if collector is not None:
             collector.append(item)
@@ -140,9 +142,11 @@ class RedisChannel(_Collecting, SizeLimited, AtomicDelivery, kombu_redis.Channel
     def _flush_run(self, run: list[_Pending]) -> tuple[list[_Pending], QueueFull | None]:
         queue, limit = run[0].queue, run[0].limit
         prefix = self.global_keyprefix or ""
-        lists = list(dict.fromkeys(self._q_for_pri(queue, p) for p in self.priority_steps))
+        lists = list(
+            dict.fromkeys(_compat.redis_list_key(self, queue, p) for p in self.priority_steps)
+        )
         index = {name: i for i, name in enumerate(lists, 1)}
-        expires = (self._expires or {}).get(queue, 0)
+        expires = self.queue_expires_ms(queue)
         keys = [prefix + name for name in lists]
 
         def attempt(items: list[_Pending]) -> tuple[list[_Pending], list[_Pending], int]:

@@ -56,6 +56,7 @@ from celery import bootsteps, current_task, signals
 from celery.exceptions import Ignore, Reject, Retry
 from celery.worker import state as worker_state
 
+from . import _compat
 from ._settings import settings_of
 from .errors import DrainInterrupted, HandedBack
 from .metrics import counters_of, send_worker_event
@@ -99,8 +100,9 @@ class Drain(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, c: Any) -> None:
         c.celery_ext_drain = self
         pool: Any = getattr(c, "pool", None)
-        if _buffered_pool(pool) is not None and not isinstance(pool.flush, _NotingFlush):
-            noting = pool.flush = _NotingFlush(pool)
+        if _compat.prefork_pool(pool) is not None and not isinstance(pool.flush, _NotingFlush):
+            noting = _NotingFlush(pool)
+            _compat.replace_consumer_method(pool, "flush", noting)
             _note_unstarted_on_close(c, noting)
         hub = getattr(c, "hub", None)
         if hub is None or self._wakeup is not None:
@@ -160,7 +162,9 @@ class Drain(bootsteps.StartStopStep):  # type: ignore[misc]
         deadline = tally.started_at + self.timeout_s
         worker.celery_ext_drain_deadline = deadline  # the lane worker's stop keeps it too
         pool = getattr(c, "pool", None)
-        if _buffered_pool(pool) is not None:  # prefork: the pool's own stop waits for in-flight
+        if (
+            _compat.prefork_pool(pool) is not None
+        ):  # prefork: the pool's own stop waits for in-flight
             _PreforkDeadline(pool, tally, deadline).arm()
             return
         if isinstance(pool, GeventTimeoutPool):  # its on_stop waits until the deadline
@@ -286,12 +290,6 @@ class _Tally:
             logger.exception("celery_ext: a drain_finished receiver failed")
 
 
-def _buffered_pool(pool: Any) -> Any:
-    """The prefork pool's billiard AsynPool (it buffers jobs not yet written), or None."""
-    inner = getattr(pool, "_pool", None)
-    return inner if hasattr(inner, "outbound_buffer") else None
-
-
 class _NotingFlush:
     """Prefork's ``pool.flush``, noting first which tasks a child may already have.
 
@@ -321,30 +319,26 @@ class _NotingFlush:
         self.written: list[Any] = []
 
     def __call__(self) -> Any:
-        asyn = _buffered_pool(self._pool)
+        asyn = _compat.prefork_pool(self._pool)
         if asyn is None:
             return self._flush()
-        jobs = list(asyn._cache.values())
+        jobs = _compat.pool_jobs(asyn)
         outbound = list(asyn.outbound_buffer)  # put back after a child died: not written
         written = [
             job
             for job in jobs
-            if not job._accepted
-            and getattr(job, "_write_to", None) is not None
-            and job not in outbound
+            if not _compat.job_accepted(job) and _compat.job_written(job) and job not in outbound
         ]
         self.celery_ext_unsafe = {
             job.correlation_id
             for job in jobs
-            if job._accepted
-            or getattr(job, "_write_to", None) is not None
-            or getattr(job, "_scheduled_for", None) is not None
+            if _compat.job_accepted(job) or _compat.job_written(job) or _compat.job_scheduled(job)
         }
         flushed = self._flush()
         if not self.keep_written or asyn.synack:  # with synack the child is told not to run it
             return flushed
         for job in written:
-            asyn._cache[job._job] = job
+            _compat.keep_job(asyn, job)
         ids = {job.correlation_id for job in written}
         self.written = [r for r in self.unstarted if r.id in ids]
         return flushed
@@ -371,7 +365,7 @@ def _note_unstarted_on_close(c: Any, flush: _NotingFlush) -> None:
         )
         return on_close()
 
-    blueprint.on_close = noting_on_close
+    _compat.replace_consumer_method(blueprint, "on_close", noting_on_close)
 
 
 def kept_written(c: Any) -> list[Any]:
@@ -389,11 +383,11 @@ def kept_written(c: Any) -> list[Any]:
 
 def _requeue_unstarted(pool: Any) -> int:
     """Requeue prefork's reserved requests that no child has or can get."""
-    asyn, flush = _buffered_pool(pool), getattr(pool, "flush", None)
+    asyn, flush = _compat.prefork_pool(pool), getattr(pool, "flush", None)
     if asyn is None or not isinstance(flush, _NotingFlush):
         return 0
     unsafe = set(flush.celery_ext_unsafe)
-    unsafe.update(str(getattr(job, "correlation_id", "")) for job in list(asyn._cache.values()))
+    unsafe.update(str(getattr(job, "correlation_id", "")) for job in _compat.pool_jobs(asyn))
     unstarted, flush.unstarted = flush.unstarted, []
     handed = 0
     for request in unstarted:
@@ -415,7 +409,7 @@ class _PreforkDeadline:
 
     def __init__(self, pool: Any, tally: _Tally, deadline: float) -> None:
         self.worker, self.pool, self.tally = tally.worker, pool, tally
-        self.asyn = _buffered_pool(pool)
+        self.asyn = _compat.prefork_pool(pool)
         self.deadline = deadline
         self.interrupted = self.abandoned = 0
         self.stopped = threading.Event()
@@ -441,10 +435,8 @@ class _PreforkDeadline:
             self._signal(request, getattr(signal, "SIGUSR1", signal.SIGTERM))
         if self.stopped.wait(GRACE_S):
             return
-        jobs = {
-            getattr(job, "correlation_id", None): job for job in list(self.asyn._cache.values())
-        }
-        index = {proc.pid: proc.index for proc in list(self.asyn._pool)}
+        jobs = {getattr(job, "correlation_id", None): job for job in _compat.pool_jobs(self.asyn)}
+        index = _compat.pool_process_index(self.asyn)
         for request in self._running():
             # The consumer no longer reads results during a drain (the pool's join
             # does, later): a child that left the task's code has handed it back or
@@ -454,7 +446,7 @@ class _PreforkDeadline:
             self.abandoned += 1
             job = jobs.get(request.id)
             if job is not None:  # it runs again elsewhere: no WorkerLostError failure for it
-                job._error_callback = job._callback = None
+                _compat.forget_job_callbacks(job)
             _save(request)
             self._signal(request, signal.SIGKILL)
 
@@ -475,7 +467,7 @@ def _requeue(request: Any) -> int:
     ``Request.reject`` goes through the event loop (``hub.call_soon``), which no
     longer runs during a shutdown; the message is rejected directly instead.
     """
-    message = getattr(request, "_message", None)
+    message = _compat.request_message(request)
     if request.acknowledged or message is None or message.acknowledged:
         return 0
     try:
@@ -493,7 +485,7 @@ def _save(request: Any) -> None:
     if _requeue(request):  # acks_late: the message was still ours to return
         return
     try:  # early ack: the message is gone; a copy keeps the task (at-least-once)
-        request.task.signature_from_request(request._context).apply_async()
+        request.task.signature_from_request(_compat.request_context(request)).apply_async()
     except Exception:
         logger.error(
             "celery_ext: %s[%s] was abandoned at the drain deadline and could not be "

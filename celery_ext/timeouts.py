@@ -60,7 +60,7 @@ from celery.concurrency.base import BasePool, apply_target
 from celery.concurrency.gevent import TaskPool as GeventPool
 from celery.worker import state as worker_state
 
-from . import aio
+from . import _compat, aio
 from ._settings import task_label
 from .errors import ConfigurationError, DrainInterrupted, TaskTimeout
 
@@ -156,7 +156,7 @@ def timeout(hard: float | timedelta | None = None, soft: float | timedelta | Non
         _check_pair(where, hard_s, soft_s)
         if hasattr(obj, "apply_async"):  # already a task
             obj.time_limit, obj.soft_time_limit = hard_s, soft_s  # type: ignore[attr-defined]
-            obj.__dict__.pop("_exec_options", None)
+            _compat.forget_exec_options(obj)
         else:
             obj.__celery_ext_timeout__ = {"timeout": hard_s, "soft_timeout": soft_s}  # type: ignore[attr-defined]
         return obj
@@ -429,7 +429,7 @@ class _Run:
         self.result: Any = None
 
 
-class TimeoutPool(BasePool):  # type: ignore[misc]
+class TimeoutPool(_compat.InfoPool, BasePool):  # type: ignore[misc]
     """Threads pool enforcing soft and hard time limits; used for ``-P threads`` and ``-P solo``.
 
     N plain threads share one job queue (no Future per task) and see the
@@ -755,19 +755,15 @@ class TimeoutPool(BasePool):  # type: ignore[misc]
             self._stuck = [t for t in self._stuck if t.is_alive()]
             return len(self._stuck)
 
-    def _get_info(self) -> dict[str, Any]:
-        info: dict[str, Any] = super()._get_info()
-        info.update(
-            {
-                "max-concurrency": self.limit,
-                "threads": len(self._threads),
-                "soft_timeouts": self.soft_timeouts,
-                "hard_timeouts": self.hard_timeouts,
-                "abandoned_threads": self.abandoned,
-                "stuck_threads": self.stuck_threads(),
-            }
-        )
-        return info
+    def extra_info(self) -> dict[str, Any]:
+        return {
+            "max-concurrency": self.limit,
+            "threads": len(self._threads),
+            "soft_timeouts": self.soft_timeouts,
+            "hard_timeouts": self.hard_timeouts,
+            "abandoned_threads": self.abandoned,
+            "stuck_threads": self.stuck_threads(),
+        }
 
 
 # -- gevent -----------------------------------------------------------------------------
@@ -775,7 +771,7 @@ def _ignore(*_: Any, **__: Any) -> None:
     return None
 
 
-class GeventTimeoutPool(GeventPool):  # type: ignore[misc]
+class GeventTimeoutPool(_compat.InfoPool, GeventPool):  # type: ignore[misc]
     """Celery's gevent pool plus the soft limit: ``TaskTimeout`` thrown into the greenlet.
 
     The hard limit stays Celery's (a ``gevent.Timeout`` around the task).
@@ -800,7 +796,7 @@ class GeventTimeoutPool(GeventPool):  # type: ignore[misc]
         Then :class:`DrainInterrupted` is thrown into each, a grace of ``drain_grace_s``,
         and what still runs is handed to :attr:`drain_abandon` and killed.
         """
-        pool, deadline = self._pool, self.drain_deadline
+        pool, deadline = _compat.gevent_pool(self), self.drain_deadline
         if pool is None or deadline is None:
             return super().on_stop()  # type: ignore[no-any-return]
         pool.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -878,10 +874,8 @@ class GeventTimeoutPool(GeventPool):  # type: ignore[misc]
 
         return limited
 
-    def _get_info(self) -> dict[str, Any]:
-        info: dict[str, Any] = super()._get_info()
-        info["soft_timeouts"] = self.soft_timeouts
-        return info
+    def extra_info(self) -> dict[str, Any]:
+        return {"soft_timeouts": self.soft_timeouts}
 
 
 # -- the worker step ------------------------------------------------------------------
