@@ -28,8 +28,8 @@ from . import (
     bounds,
     durability,
     intake,
+    lane,
     leases,
-    local,
     metrics,
     probes,
     shutdown,
@@ -39,6 +39,7 @@ from . import (
 from ._settings import Settings, settings_of
 from .bounds import enqueue_many
 from .deadletter import DeadLetters
+from .embedded import DrainReport, LocalWorker
 from .errors import (
     CeleryExtError,
     ConfigurationError,
@@ -53,7 +54,6 @@ from .errors import (
     RetryScheduled,
     TaskTimeout,
 )
-from .local import DrainReport, LocalWorker
 from .metrics import stats_section
 from .observability import start_flower
 from .retry import (
@@ -164,11 +164,11 @@ def install(app: Celery, **overrides: Any) -> Settings:
     settings = Settings.from_app(app, overrides)
     _versions.warn_if_untested()
     # kombu resolves URL schemes through this registry; 'local' names our transport.
-    kombu.transport.TRANSPORT_ALIASES.setdefault("local", "celery_ext.local:Transport")
+    kombu.transport.TRANSPORT_ALIASES.setdefault("local", "celery_ext.transports.local:Transport")
     options = dict(app.conf.broker_transport_options or {})
-    options[local.LANES_OPTION] = local.Lanes(settings)
+    options[lane.LANES_OPTION] = lane.Lanes(settings)
     app.conf.broker_transport_options = options
-    app.steps["worker"].add(local.LaneGuard)
+    app.steps["worker"].add(lane.LaneGuard)
     app.steps["worker"].add(timeouts.Timeouts)
     app.steps["worker"].add(durability.LaneWorker)
     _tasks.add_task_options(app)
@@ -185,7 +185,7 @@ def install(app: Celery, **overrides: Any) -> Settings:
         )
         app.user_options["worker"].add(option)
     if app.amqp_cls == _STOCK_AMQP and not _compat.amqp_created(app):
-        app.amqp_cls = "celery_ext.local:LaneAMQP"  # a faster publish path on local://
+        app.amqp_cls = "celery_ext.transports.local:LaneAMQP"  # a faster publish path on local://
     bounds.setup(app, settings)
     sizes.setup(app, settings)  # after bounds chose the transports it checks on
     _settings.remember(app, settings)

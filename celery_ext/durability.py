@@ -165,7 +165,7 @@ class LaneWorker(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, w: Any) -> None:
         if not self.enabled or self.lane is not None:
             return
-        from .local import LocalWorker
+        from .embedded import LocalWorker
 
         queues = sorted(q.name for q in w.app.amqp.queues.consume_from.values())
         lane = LocalWorker(

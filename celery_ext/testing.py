@@ -38,7 +38,7 @@ import pytest
 from celery import Celery
 
 from . import install
-from .local import LocalWorker
+from .embedded import LocalWorker
 
 __all__ = [
     "celery_ext_app",

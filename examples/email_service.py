@@ -44,7 +44,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import celery_ext
-from celery_ext.local import lane_of
+from celery_ext.lane import lane_of
 
 SEND_TIME_S = 0.2
 MAX_BURST = 10_000

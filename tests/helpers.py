@@ -12,7 +12,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from celery_ext import LocalWorker, stats_section
-from celery_ext.local import lane_of
+from celery_ext.lane import lane_of
 
 
 def broker_url(request: Any, kind: str) -> str:

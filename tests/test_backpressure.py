@@ -18,7 +18,7 @@ from celery import Celery
 import celery_ext
 from celery_ext import LocalWorker
 from celery_ext.delays import AmqpParking
-from celery_ext.local import lane_of
+from celery_ext.lane import lane_of
 from tests.helpers import (
     broker_url,
     depth,

@@ -23,7 +23,7 @@ from celery_ext.bounds import (
     Bounds,
     shed_count,
 )
-from celery_ext.local import lane_of
+from celery_ext.lane import lane_of
 from celery_ext.redis_transport import RedisChannel, RedissTransport
 
 PRIORITY_SEP = "\x06\x16"

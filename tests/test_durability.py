@@ -372,7 +372,7 @@ def test_a_lossy_publish_with_no_lane_worker_warns_once_and_counts_the_loss_at_e
     @app.task(shared=False, name=name, durable=False)
     def lossy() -> None: ...
 
-    with caplog.at_level("WARNING", logger="celery_ext.local"):
+    with caplog.at_level("WARNING", logger="celery_ext.lane"):
         lossy.delay()
         lossy.delay()
     warnings = [r.getMessage() for r in caplog.records if name in r.getMessage()]
@@ -401,7 +401,7 @@ def test_a_lossy_publish_with_a_lane_worker_is_quiet(
     def lossy() -> int:
         return 1
 
-    with caplog.at_level("WARNING", logger="celery_ext.local"), LocalWorker(app):
+    with caplog.at_level("WARNING", logger="celery_ext.lane"), LocalWorker(app):
         assert lossy.delay().get(timeout=20) == 1
     assert not [r for r in caplog.records if "no worker consumes it" in r.getMessage()]
 

@@ -15,7 +15,8 @@ from kombu import Connection
 
 import celery_ext
 from celery_ext import ConfigurationError, LaneNotInstalled, LocalWorker, _versions
-from celery_ext.local import Lanes, Transport, lane_of
+from celery_ext.lane import Lanes, lane_of
+from celery_ext.transports.local import Transport
 
 
 def test_install_is_idempotent() -> None:

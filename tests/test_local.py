@@ -14,7 +14,7 @@ from kombu.asynchronous import set_event_loop
 
 import celery_ext
 from celery_ext import LocalWorker, QueueFull
-from celery_ext.local import lane_of
+from celery_ext.lane import lane_of
 
 
 def new_app(**settings: Any) -> Celery:

@@ -9,7 +9,7 @@ import pytest
 from celery import Celery
 
 from celery_ext import LocalWorker
-from celery_ext.local import lane_of
+from celery_ext.lane import lane_of
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""kombu transports: one module per broker."""
