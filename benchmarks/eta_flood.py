@@ -65,11 +65,11 @@ def waiting(conn: Connection, queue: str) -> int:
 
 def parked(conn: Connection, queue: str, prefix: str) -> int:
     if conn.transport.driver_type == "redis":
-        from celery_ext.delays import RedisParking
+        from celery_ext.transports.redis import RedisParking
 
         return RedisParking(conn.default_channel).parked(queue)
     try:
-        from celery_ext.delays import AmqpParking  # type: ignore[attr-defined]
+        from celery_ext.transports.amqp import AmqpParking
     except ImportError:
         return 0
     return int(AmqpParking(conn.default_channel, prefix=prefix).parked(queue))
@@ -165,7 +165,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
                 channel.queue_delete(queue)
                 channel.exchange_delete(queue)
                 # Parked messages would wait an hour on the shared server: drop ours.
-                from celery_ext.delays import AmqpParking
+                from celery_ext.transports.amqp import AmqpParking
 
                 AmqpParking(channel, prefix=prefix).delete()
         results.delete(f"{queue}.latency")

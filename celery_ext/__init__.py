@@ -25,7 +25,6 @@ from . import (
     _tasks,
     _versions,
     backpressure,
-    bounds,
     durability,
     intake,
     lane,
@@ -35,9 +34,10 @@ from . import (
     shutdown,
     sizes,
     timeouts,
+    transports,
 )
 from ._settings import Settings, settings_of
-from .bounds import enqueue_many
+from .bulk import enqueue_many
 from .deadletter import DeadLetters
 from .embedded import DrainReport, LocalWorker
 from .errors import (
@@ -186,7 +186,7 @@ def install(app: Celery, **overrides: Any) -> Settings:
         app.user_options["worker"].add(option)
     if app.amqp_cls == _STOCK_AMQP and not _compat.amqp_created(app):
         app.amqp_cls = "celery_ext.transports.local:LaneAMQP"  # a faster publish path on local://
-    bounds.setup(app, settings)
+    transports.setup(app, settings)
     sizes.setup(app, settings)  # after bounds chose the transports it checks on
     _settings.remember(app, settings)
     return settings

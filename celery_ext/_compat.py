@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -36,13 +37,11 @@ import kombu.transport.virtual
 import kombu.transport.virtual.exchange
 from celery.concurrency.base import BasePool
 from kombu.transport import pyamqp
-from kombu.transport import redis as kombu_redis
 
 __all__ = [
     "REQUIRED",
     "AmqpChannel",
     "InfoPool",
-    "RedisChannel",
     "Required",
     "VirtualChannel",
     "VirtualTransport",
@@ -82,6 +81,7 @@ __all__ = [
 class Required(NamedTuple):
     """A private name this module uses: where, and the parameters it is called with."""
 
+    #: The class or module, or "module:Class" for one imported only on use.
     owner: Any
     name: str
     #: Parameter names after ``self``, in order; None when only the name must exist.
@@ -259,99 +259,114 @@ class VirtualTransport(kombu.transport.virtual.Transport):  # type: ignore[misc]
         self._deliver(message, queue)
 
 
-# -- kombu's Redis transport ------------------------------------------------------------
-_uses(kombu_redis.Channel, "_put", ("queue", "message"))
-_uses(kombu_redis.Channel, "_brpop_start", ("timeout",))
-_uses(kombu_redis.Channel, "_brpop_read", None)
-_uses(kombu_redis.Channel, "_connparams", ("asynchronous",))
-_uses(kombu_redis.Channel, "_q_for_pri", ("queue", "pri"))
-_uses(kombu_redis.Channel, "_get_message_priority", ("message", "reverse"))
+# -- kombu's Redis transport --------------------------------------------------------------
+# Imported on first use: it needs the redis package, which apps on local:// or amqp:// may
+# not have.
+_REDIS = "kombu.transport.redis:Channel"
+_uses(_REDIS, "_put", ("queue", "message"))
+_uses(_REDIS, "_brpop_start", ("timeout",))
+_uses(_REDIS, "_brpop_read", None)
+_uses(_REDIS, "_connparams", ("asynchronous",))
+_uses(_REDIS, "_q_for_pri", ("queue", "pri"))
+_uses(_REDIS, "_get_message_priority", ("message", "reverse"))
 _uses(
-    kombu_redis.Channel,
+    _REDIS,
     "_do_restore_message",
     ("payload", "exchange", "routing_key", "pipe", "leftmost"),
 )
-_uses(kombu_redis.Channel, "_create_client", ("asynchronous",))
-_uses(kombu_redis.Channel, "_flush_brpop_reauth", ())
-_uses(kombu_redis.Channel, "_queue_cycle", how="set")
-_uses(kombu_redis.Channel, "_in_poll", how="set")
-_uses(kombu_redis.Channel, "_expires", how="set")
+_uses(_REDIS, "_create_client", ("asynchronous",))
+_uses(_REDIS, "_flush_brpop_reauth", ())
+_uses(_REDIS, "_queue_cycle", how="set")
+_uses(_REDIS, "_in_poll", how="set")
+_uses(_REDIS, "_expires", how="set")
 _uses(kombu.transport.virtual.Message, "_raw", how="set")
 
 
-class RedisChannel(kombu_redis.Channel):  # type: ignore[misc]
-    """kombu's Redis Channel with its publish and poll hooks under public names.
+@functools.cache
+def _redis_channel() -> type:
+    from kombu.transport import redis as kombu_redis
 
-    kombu polls in two halves: it sends a BRPOP (``poll_start``), its event loop waits
-    for the socket, then it reads the reply and delivers (``poll_read``). The subclass
-    overrides the public names and calls ``super()`` for kombu's own behaviour.
+    class RedisChannel(kombu_redis.Channel):  # type: ignore[misc]
+        """kombu's Redis Channel with its publish and poll hooks under public names.
 
-    Example::
+        kombu polls in two halves: it sends a BRPOP (``poll_start``), its event loop waits
+        for the socket, then it reads the reply and delivers (``poll_read``). The subclass
+        overrides the public names and calls ``super()`` for kombu's own behaviour.
 
-        class Channel(RedisChannel):
-            def storage_put(self, queue, message, **kwargs): ...
-    """
+        Example::
 
-    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        self.storage_put(queue, message, **kwargs)
+            class Channel(RedisChannel):
+                def storage_put(self, queue, message, **kwargs): ...
+        """
 
-    def storage_put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        """Push ``message`` onto ``queue`` (kombu: LPUSH onto the priority's list)."""
-        kombu_redis.Channel._put(self, queue, message, **kwargs)
+        def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+            self.storage_put(queue, message, **kwargs)
 
-    def _brpop_start(self, timeout: float | None = None) -> None:
-        self.poll_start(timeout)
+        def storage_put(self, queue: str, message: Any, **kwargs: Any) -> None:
+            """Push ``message`` onto ``queue`` (kombu: LPUSH onto the priority's list)."""
+            kombu_redis.Channel._put(self, queue, message, **kwargs)
 
-    def poll_start(self, timeout: float | None = None) -> None:
-        """Send the command that waits for a message (kombu: BRPOP)."""
-        kombu_redis.Channel._brpop_start(self, timeout)
+        def _brpop_start(self, timeout: float | None = None) -> None:
+            self.poll_start(timeout)
 
-    def _brpop_read(self, **options: Any) -> Any:
-        try:
-            return self.poll_read(**options)
-        finally:
-            # kombu's own read does this too; an override of poll_read may not call it.
-            self._in_poll = None
-            self._flush_brpop_reauth()
+        def poll_start(self, timeout: float | None = None) -> None:
+            """Send the command that waits for a message (kombu: BRPOP)."""
+            kombu_redis.Channel._brpop_start(self, timeout)
 
-    def poll_read(self, **options: Any) -> Any:
-        """Read the reply of :meth:`poll_start` and deliver it; raise ``Empty`` if none."""
-        return kombu_redis.Channel._brpop_read(self, **options)
+        def _brpop_read(self, **options: Any) -> Any:
+            try:
+                return self.poll_read(**options)
+            finally:
+                # kombu's own read does this too; an override of poll_read may not call it.
+                self._in_poll = None
+                self._flush_brpop_reauth()
 
-    def _connparams(self, asynchronous: bool = False) -> Any:
-        self.check_open()
-        return super()._connparams(asynchronous)
+        def poll_read(self, **options: Any) -> Any:
+            """Read the reply of :meth:`poll_start` and deliver it; raise ``Empty`` if none."""
+            return kombu_redis.Channel._brpop_read(self, **options)
 
-    def check_open(self) -> None:
-        """Called before kombu builds a connection pool; may raise a connection error."""
+        def _connparams(self, asynchronous: bool = False) -> Any:
+            self.check_open()
+            return super()._connparams(asynchronous)
 
-    def next_queues(self) -> list[str]:
-        """The queues to poll next, in kombu's round-robin order."""
-        queues: list[str] = self._queue_cycle.consume(len(self.active_queues))
-        return queues
+        def check_open(self) -> None:
+            """Called before kombu builds a connection pool; may raise a connection error."""
 
-    def polled(self, queue: str) -> None:
-        """Move ``queue`` to the back of the round-robin (it just gave a message)."""
-        self._queue_cycle.rotate(queue)
+        def next_queues(self) -> list[str]:
+            """The queues to poll next, in kombu's round-robin order."""
+            queues: list[str] = self._queue_cycle.consume(len(self.active_queues))
+            return queues
 
-    def mark_polling(self, connection: Any) -> None:
-        """Note that ``connection`` waits for a reply, as kombu's own poll does."""
-        self._in_poll = connection
-        self._brpop_sent_at = time.monotonic()
+        def polled(self, queue: str) -> None:
+            """Move ``queue`` to the back of the round-robin (it just gave a message)."""
+            self._queue_cycle.rotate(queue)
 
-    def deliver(self, payload: Any, queue: str) -> None:
-        """Hand a popped payload of ``queue`` to its consumer."""
-        self.connection._deliver(payload, queue)
+        def mark_polling(self, connection: Any) -> None:
+            """Note that ``connection`` waits for a reply, as kombu's own poll does."""
+            self._in_poll = connection
+            self._brpop_sent_at = time.monotonic()
 
-    def queue_expires_ms(self, queue: str) -> int:
-        """The ``x-expires`` kombu applies to ``queue``'s lists, or 0."""
-        return int((self._expires or {}).get(queue, 0))
+        def deliver(self, payload: Any, queue: str) -> None:
+            """Hand a popped payload of ``queue`` to its consumer."""
+            self.connection._deliver(payload, queue)
 
-    def restore_payload(
-        self, payload: Any, exchange: str, routing_key: str, pipe: Any, leftmost: bool
-    ) -> None:
-        """Queue ``payload`` again through ``pipe``, at the head when ``leftmost``."""
-        self._do_restore_message(payload, exchange, routing_key, pipe, leftmost=leftmost)
+        def queue_expires_ms(self, queue: str) -> int:
+            """The ``x-expires`` kombu applies to ``queue``'s lists, or 0."""
+            return int((self._expires or {}).get(queue, 0))
+
+        def restore_payload(
+            self, payload: Any, exchange: str, routing_key: str, pipe: Any, leftmost: bool
+        ) -> None:
+            """Queue ``payload`` again through ``pipe``, at the head when ``leftmost``."""
+            self._do_restore_message(payload, exchange, routing_key, pipe, leftmost=leftmost)
+
+    return RedisChannel
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RedisChannel":
+        return _redis_channel()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def redis_list_key(channel: Any, queue: str, priority: int) -> str:

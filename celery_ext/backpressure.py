@@ -45,17 +45,9 @@ from celery.worker import state as worker_state
 from . import _compat
 from ._settings import settings_of
 from .bounds import BOUNDS_OPTION, Bounds
-from .delays import (
-    PARKED_HEADER,
-    AmqpParking,
-    RedisParking,
-    came_back,
-    eta_delay,
-    mark_parked,
-    parked_queue,
-    redis_horizon,
-)
+from .delays import PARKED_HEADER, came_back, eta_delay, mark_parked, redis_horizon
 from .metrics import send_task_event
+from .transports.amqp import AmqpParking, parked_queue
 
 __all__ = ["Backpressure"]
 
@@ -166,6 +158,8 @@ class _AmqpMover:
 def _parking_for(connection: Any, prefix: str) -> Any:
     driver = connection.transport.driver_type
     if driver == "redis":
+        from .transports.redis import RedisParking  # imports redis: only for Redis apps
+
         return RedisParking(connection.default_channel)
     if driver == "local":
         return _LaneParking(connection.transport.lane)
@@ -263,7 +257,8 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         _compat.replace_prefetch_restore(c, lambda: self._restore_prefetch(c))
         if isinstance(self.store, AmqpParking) and self.mover is None:
             self.mover = _AmqpMover(c.app, self.store.prefix, self.park_interval_s)
-        if isinstance(self.store, RedisParking) and self._timer_entry is None:
+        redis = self.store is not None and c.connection.transport.driver_type == "redis"
+        if redis and self._timer_entry is None:
             self._timer_entry = c.timer.call_repeatedly(self.park_interval_s, self._move_due)
         if self.budget is not None and self._relax_entry is None:
             self._relax_entry = c.timer.call_repeatedly(_RELAX_INTERVAL_S, self._relax, (c,))

@@ -20,14 +20,15 @@ How, per broker (``install(app)`` selects the transports below for
 ``redis://``, ``rediss://``, ``amqp://``, ``pyamqp://`` and ``amqps://`` URLs when
 ``broker_transport`` is unset; without a bound they publish exactly as kombu's):
 
-- **Redis** (:class:`~celery_ext.redis_transport.RedisTransport`): instead of
+- **Redis** (:class:`~celery_ext.transports.redis.RedisTransport`): instead of
   kombu's ``LPUSH``, a Lua script sums ``LLEN`` over the queue's priority
   lists and pushes only while the sum is below the bound: atomic on the
-  server, exact for any number of producers. :func:`enqueue_many` sends one
+  server, exact for any number of producers. :func:`~celery_ext.enqueue_many` sends one
   script call per chunk that pushes as many messages as fit and reports how
   many it took.
-- **RabbitMQ** (:class:`AmqpTransport`): queues named in ``queue_limits`` are
-  declared with ``x-max-length`` and ``x-overflow: reject-publish``, and
+- **RabbitMQ** (:class:`~celery_ext.transports.amqp.AmqpTransport`): queues
+  named in ``queue_limits`` are declared with ``x-max-length`` and
+  ``x-overflow: reject-publish``, and
   ``install`` turns on publisher confirms, so the broker refuses the message
   atomically and its bare ``MessageNacked`` becomes ``QueueFull``. Per-task
   and per-call bounds cannot be declared (one queue, one set of arguments):
@@ -82,57 +83,39 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from functools import cached_property
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
-import kombu.connection
-from amqp.exceptions import MessageNacked, NotFound, PreconditionFailed
 from celery import Celery
-from celery.app.task import Task
 from celery.signals import after_task_publish
-from celery.utils.functional import maybe_list
-from celery.utils.saferepr import saferepr
-from kombu.transport import pyamqp
-from kombu.utils.uuid import uuid
 
-from . import _compat
-from ._settings import PREFIX, Settings
-from .delays import RETRY_HEADER, AmqpParking, eta_delay, mark_parked
+from ._settings import Settings
+from .delays import RETRY_HEADER, eta_delay, mark_parked
 from .errors import ConfigurationError, QueueFull
-from .sizes import SizeLimited
 
 __all__ = [
+    "BOUNDS_OPTION",
+    "CONFIRM_TIMEOUT_S",
+    "LIMIT_KW",
     "OPTION",
-    "AmqpTransport",
-    "AmqpsTransport",
     "BatchQueueFull",
     "Bounds",
-    "enqueue_many",
-    "setup",
+    "Collecting",
+    "Pending",
+    "Publish",
+    "check_limit",
+    "groups",
+    "offer",
     "shed_count",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def __getattr__(name: str) -> Any:
-    # The Redis transport lives in celery_ext.redis_transport, imported only when a
-    # redis:// app uses it; "celery_ext.bounds:RedisTransport" keeps working.
-    if name in ("RedisChannel", "RedisTransport", "RedissTransport"):
-        from . import redis_transport
-
-        return getattr(redis_transport, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 #: The ``apply_async`` / ``@app.task`` option naming a per-call / per-task bound.
@@ -144,7 +127,7 @@ BOUNDS_OPTION = "celery_ext_bounds"
 LIMIT_KW = "_celery_ext_max_queued"  # a call's bound, from basic_publish to _put
 _FIRST_WAIT_S = 0.005
 _MAX_WAIT_S = 0.05
-_CONFIRM_TIMEOUT_S = 30.0
+CONFIRM_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
 
@@ -186,7 +169,7 @@ class Bounds:
         self.declared: dict[str, int] = {}
         self._shed: dict[str, int] = {}
         self._full: dict[str, int] = {}
-        self._unrecorded: list[tuple[Any, str, str]] = []  # Redis: see redis_delivery
+        self._unrecorded: list[tuple[Any, str, str]] = []  # Redis: see transports.redis
         self._lock = threading.Lock()
         self._parking_here = threading.local()  # the id this thread's publish just parked
         self._listening = False
@@ -418,7 +401,7 @@ class BatchQueueFull(QueueFull):
 Attempt = Callable[[list[T]], tuple[list[T], list[T], int]]
 
 
-def _offer(
+def offer(
     bounds: Bounds, queue: str, limit: int, items: list[T], attempt: Attempt[T]
 ) -> tuple[list[T], QueueFull | None]:
     """Offer ``items`` to a bounded queue under the app's policy.
@@ -452,7 +435,7 @@ def _offer(
 
 
 @dataclass
-class _Pending:
+class Pending:
     """A message waiting to be pushed (Redis) or published (RabbitMQ)."""
 
     queue: str
@@ -462,21 +445,21 @@ class _Pending:
     hard_limit: int | None = None  # RabbitMQ: the declared x-max-length, if any
 
 
-def _groups(items: list[_Pending]) -> list[list[_Pending]]:
+def groups(items: list[Pending]) -> list[list[Pending]]:
     """The messages per queue and bounds, each group in publishing order."""
-    groups: dict[tuple[str, int | None, int | None], list[_Pending]] = {}
+    groups: dict[tuple[str, int | None, int | None], list[Pending]] = {}
     for item in items:
         groups.setdefault((item.queue, item.limit, item.hard_limit), []).append(item)
     return list(groups.values())
 
 
-class _Collecting:
+class Collecting:
     """Channel mixin: hold publishes back (``collecting``), then ``flush`` them in chunks."""
 
-    _collector: list[_Pending] | None = None
+    _collector: list[Pending] | None = None
 
     @contextmanager
-    def collecting(self) -> Iterator[list[_Pending]]:
+    def collecting(self) -> Iterator[list[Pending]]:
         """Hold this channel's publishes back until :meth:`flush`.
 
         Example::
@@ -485,14 +468,14 @@ class _Collecting:
                 producer.publish(...)
             ids, refusal = channel.flush(held)
         """
-        collector: list[_Pending] = []
+        collector: list[Pending] = []
         self._collector = collector
         try:
             yield collector
         finally:
             self._collector = None
 
-    def flush(self, held: list[_Pending]) -> tuple[list[str], QueueFull | None]:
+    def flush(self, held: list[Pending]) -> tuple[list[str], QueueFull | None]:
         """Publish what :meth:`collecting` held; return accepted task ids and any refusal.
 
         Example::
@@ -502,530 +485,20 @@ class _Collecting:
         ids: list[str] = []
         first_refusal: QueueFull | None = None
         items, held[:] = list(held), []
-        for group in _groups(items):
+        for group in groups(items):
             accepted, refusal = self._flush_run(group)
             ids += [p.task_id for p in accepted if p.task_id is not None]
             first_refusal = first_refusal or refusal
         return ids, first_refusal
 
-    def _flush_run(self, run: list[_Pending]) -> tuple[list[_Pending], QueueFull | None]:
+    def _flush_run(self, run: list[Pending]) -> tuple[list[Pending], QueueFull | None]:
         raise NotImplementedError
 
 
 # -- RabbitMQ -------------------------------------------------------------------
 @dataclass
-class _Publish:
+class Publish:
     msg: Any
     exchange: str
     routing_key: str
     kwargs: dict[str, Any]
-
-
-class AmqpChannel(_Collecting, SizeLimited, _compat.AmqpChannel):
-    """kombu's py-amqp channel with queue bounds; see the module docstring."""
-
-    _probe: Any = None
-    _sent = 0  # publishes since confirm.select: the broker's delivery tags
-
-    @property
-    def bounds(self) -> Bounds | None:
-        client = getattr(self.connection, "client", None)
-        bounds = client.transport_options.get(BOUNDS_OPTION) if client is not None else None
-        return bounds if isinstance(bounds, Bounds) else None
-
-    def queue_declare(
-        self,
-        queue: str = "",
-        passive: bool = False,
-        durable: bool = False,
-        exclusive: bool = False,
-        auto_delete: bool = True,
-        nowait: bool = False,
-        arguments: dict[str, Any] | None = None,
-        argsig: str = "BsbbbbbF",
-    ) -> Any:
-        bounds = self.bounds
-        limit = bounds.limits.get(queue) if bounds and queue and not passive else None
-        if limit is not None:
-            arguments = {**(arguments or {}), "x-max-length": limit, "x-overflow": "reject-publish"}
-        try:
-            result = super().queue_declare(
-                queue, passive, durable, exclusive, auto_delete, nowait, arguments, argsig
-            )
-        except PreconditionFailed as exc:
-            if limit is None:
-                raise
-            raise ConfigurationError(
-                f"RabbitMQ refused to declare queue {queue!r} with x-max-length={limit} and "
-                f"x-overflow=reject-publish ({PREFIX}queue_limits): it exists with other "
-                f"arguments ({exc}). A queue's arguments cannot change: delete the drained "
-                "queue, or drop it from queue_limits and bound it with a RabbitMQ policy"
-            ) from exc
-        args = arguments or {}
-        rejects = str(args.get("x-overflow", "")).startswith("reject-publish")
-        if bounds and queue and "x-max-length" in args and rejects:
-            bounds.declared[queue] = int(args["x-max-length"])
-        return result
-
-    def close(self, *args: Any, **kwargs: Any) -> Any:
-        probe, self._probe = self._probe, None
-        if probe is not None and probe.is_open:
-            with contextlib.suppress(Exception):  # the connection may be gone already
-                probe.close()
-        return super().close(*args, **kwargs)
-
-    def confirm_select(self, nowait: bool = False) -> Any:
-        self._sent = 0
-        return super().confirm_select(nowait)
-
-    def send_publish(self, *args: Any, **kwargs: Any) -> Any:
-        if self.confirm_selected:
-            self._sent += 1
-        return super().send_publish(*args, **kwargs)
-
-    def basic_publish(
-        self, msg: Any, exchange: str = "", routing_key: str = "", **kwargs: Any
-    ) -> Any:
-        return self._route_publish(False, msg, exchange, routing_key, kwargs)
-
-    def basic_publish_confirm(
-        self, msg: Any, exchange: str = "", routing_key: str = "", **kwargs: Any
-    ) -> Any:
-        return self._route_publish(True, msg, exchange, routing_key, kwargs)
-
-    _parking_now = False
-
-    @cached_property
-    def _parking(self) -> AmqpParking | None:
-        try:
-            bounds = self.bounds
-            return AmqpParking(self, prefix=bounds.park_prefix if bounds else "celery_ext")
-        except RuntimeError:  # kombu too old for prefixed delay levels: queue ETAs as usual
-            return None
-
-    def _park_at_publish(self, msg: Any, exchange: str, routing_key: str) -> bool:
-        """Park a far-future ETA message instead of queueing it (see backpressure)."""
-        bounds = self.bounds
-        if bounds is None or self._parking_now:
-            return False  # (AmqpParking publishes through this channel too)
-        delay = bounds.park_delay(msg.properties.get("application_headers"), bounds.eta_horizon_s)
-        queue = bounds.queue_for(exchange, routing_key) if delay is not None else None
-        parking = self._parking if queue is not None else None
-        if delay is None or queue is None or parking is None:
-            return False
-        bounds.parking(msg.properties.setdefault("application_headers", {}))
-        self._parking_now = True
-        try:
-            parking.park(queue, msg, delay)
-        finally:
-            self._parking_now = False
-        return True
-
-    def _route_publish(
-        self, confirm: bool, msg: Any, exchange: str, routing_key: str, kwargs: dict[str, Any]
-    ) -> Any:
-        if self._park_at_publish(msg, exchange, routing_key):
-            return None
-        props = msg.properties
-        call = props.pop(OPTION, None)
-        bounds = self.bounds
-        if bounds is None:
-            return self._send_now(confirm, msg, exchange, routing_key, kwargs)
-        queue = bounds.queue_for(exchange, routing_key)
-        checked = hard = None
-        if queue is not None:
-            checked = None if call is None else check_limit(call, f"apply_async({OPTION})")
-            if checked is None:
-                checked = bounds.task_limit((props.get("application_headers") or {}).get("task"))
-            hard = bounds.declared.get(queue, bounds.limits.get(queue))
-        collector = self._collector
-        if collector is None and checked is None and (hard is None or not confirm):
-            return self._send_now(confirm, msg, exchange, routing_key, kwargs)
-        task_id = (props.get("application_headers") or {}).get("id")
-        publish = _Publish(msg, exchange, routing_key, kwargs)
-        item = _Pending(queue or routing_key, checked, task_id, publish, hard)
-        if collector is not None:
-            collector.append(item)
-            return None
-        _, refusal = self._flush_run([item])  # confirmed: the next check counts it
-        if refusal is not None:
-            raise refusal
-        return None
-
-    def _send_now(
-        self, confirm: bool, msg: Any, exchange: str, routing_key: str, kwargs: dict[str, Any]
-    ) -> Any:
-        if confirm:
-            return super().basic_publish_confirm(msg, exchange, routing_key, **kwargs)
-        return self.send_publish(msg, exchange, routing_key, **kwargs)
-
-    def _flush_run(self, run: list[_Pending]) -> tuple[list[_Pending], QueueFull | None]:
-        queue, checked, hard = run[0].queue, run[0].limit, run[0].hard_limit
-        bounds = self.bounds
-        assert bounds is not None
-
-        def attempt(items: list[_Pending]) -> tuple[list[_Pending], list[_Pending], int]:
-            depth = -1
-            send, rest = items, []
-            if checked is not None:
-                depth = self.depth(queue)
-                room = max(0, checked - depth)
-                send, rest = items[:room], items[room:]
-            acked, nacked = self._publish_confirmed(send)
-            if nacked:
-                depth = self.depth(queue)
-            elif rest:
-                depth += len(acked)
-            return acked, nacked + rest, depth
-
-        limits = [x for x in (checked, hard) if x is not None]
-        if not limits:  # collected, unbounded: publish with confirms, no policy
-            acked, nacked, _ = attempt(run)
-            if nacked:
-                raise MessageNacked(f"RabbitMQ refused {len(nacked)} message(s) for {queue!r}")
-            return acked, None
-        return _offer(bounds, queue, min(limits), run, attempt)
-
-    def _publish_confirmed(self, items: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
-        """Publish ``items`` at once, then wait for every confirm; return (acked, nacked)."""
-        if not items:
-            return [], []
-        self.ensure_confirms()
-        first = self._sent + 1  # the broker numbers confirms per channel from 1
-        last = first + len(items) - 1
-        outcome: dict[int, bool] = {}
-
-        def settle(ok: bool) -> Callable[[int, bool], None]:
-            def on_confirm(tag: int, multiple: bool) -> None:
-                for t in range(max(first, 1 if multiple else tag), min(tag, last) + 1):
-                    outcome.setdefault(t, ok)
-
-            return on_confirm
-
-        # Confirms can arrive while publishing (py-amqp reads pending frames before
-        # each publish), so listen first.
-        on_ack, on_nack = settle(True), settle(False)
-        self.events["basic_ack"].add(on_ack)
-        self.events["basic_nack"].add(on_nack)
-        try:
-            for item in items:
-                p = item.payload
-                self.send_publish(p.msg, p.exchange, p.routing_key, **p.kwargs)
-            deadline = time.monotonic() + _CONFIRM_TIMEOUT_S
-            while len(outcome) < len(items):
-                self.connection.drain_events(timeout=max(0.0, deadline - time.monotonic()))
-        finally:
-            self.events["basic_ack"].discard(on_ack)
-            self.events["basic_nack"].discard(on_nack)
-        acked = [item for tag, item in enumerate(items, first) if outcome[tag]]
-        nacked = [item for tag, item in enumerate(items, first) if not outcome[tag]]
-        return acked, nacked
-
-    def depth(self, queue: str) -> int:
-        """Messages waiting in ``queue`` (0 when it does not exist), by a passive declare.
-
-        Asked on a side channel: a passive declare of a missing queue closes its channel.
-
-        Example::
-
-            channel.depth("emails")
-        """
-        probe = self._probe
-        if probe is None or not probe.is_open:
-            probe = self._probe = self.connection.channel()
-        try:
-            return int(probe.queue_declare(queue, passive=True).message_count)
-        except NotFound:
-            self._probe = None
-            return 0
-
-
-class AmqpConnection(pyamqp.Connection):  # type: ignore[misc]
-    """py-amqp connection whose channels are :class:`AmqpChannel`."""
-
-    Channel = AmqpChannel
-
-
-class AmqpTransport(pyamqp.Transport):  # type: ignore[misc]
-    """kombu's py-amqp transport with queue bounds (``amqp://`` after ``install``).
-
-    Example::
-
-        Celery(broker="amqp://", broker_transport="celery_ext.bounds:AmqpTransport")
-    """
-
-    Connection = AmqpConnection
-
-
-class AmqpsTransport(AmqpTransport, pyamqp.SSLTransport):  # type: ignore[misc]
-    """:class:`AmqpTransport` for ``amqps://`` URLs (TLS on, as kombu's ``SSLTransport``).
-
-    Example::
-
-        Celery(broker="amqps://host", broker_transport="celery_ext.bounds:AmqpsTransport")
-    """
-
-
-# scheme -> (transport class path, the scheme kombu shows in URIs for it)
-_TRANSPORTS = {
-    "redis": "celery_ext.redis_transport:RedisTransport",
-    "rediss": "celery_ext.redis_transport:RedissTransport",
-    "amqp": "celery_ext.bounds:AmqpTransport",
-    "pyamqp": "celery_ext.bounds:AmqpTransport",
-    "amqps": "celery_ext.bounds:AmqpsTransport",
-}
-_SHOWN_AS = {
-    "celery_ext.redis_transport:RedisTransport": "redis",
-    "celery_ext.redis_transport:RedissTransport": "rediss",
-    "celery_ext.bounds:AmqpTransport": "amqp",
-    "celery_ext.bounds:AmqpsTransport": "amqps",
-}
-
-
-def _transport_for(app: Celery) -> str | None:
-    """The bounded transport for ``app``'s broker URLs, or None to stay stock."""
-    conf = app.conf
-    if conf.broker_transport:
-        return None
-    urls = [u for u in (conf.broker_url, conf.broker_read_url, conf.broker_write_url) if u]
-    schemes = set()
-    for url in urls or ["amqp://"]:  # Celery's default broker
-        if not isinstance(url, str) or ";" in url or "://" not in url:
-            return None
-        schemes.add(urlparse(url).scheme)
-    if len(schemes) != 1:
-        return None
-    return _TRANSPORTS.get(schemes.pop())
-
-
-def setup(app: Celery, settings: Settings) -> None:
-    """Wire producer-side queue bounds into ``app`` (called by ``celery_ext.install``).
-
-    Hands a :class:`Bounds` to the transports through ``broker_transport_options``
-    and, for Redis and RabbitMQ URLs with no ``broker_transport`` set, selects
-    the bounded transports (pass-through when no bound applies). With
-    ``queue_limits`` on RabbitMQ it turns on publisher confirms.
-
-    Example::
-
-        setup(app, settings_of(app))
-    """
-    options = dict(app.conf.broker_transport_options or {})
-    options[BOUNDS_OPTION] = Bounds(app, settings)
-    transport = _transport_for(app)
-    if transport is not None:
-        # Connection.as_uri() (worker banner, Flower) shows the scheme, not our class path.
-        kombu.connection.resolve_aliases.setdefault(transport, _SHOWN_AS[transport])
-        app.conf.broker_transport = transport
-        if transport.startswith("celery_ext.bounds:Amqp") and settings.queue_limits:
-            if options.get("confirm_publish") is False:
-                raise ConfigurationError(
-                    f"{PREFIX}queue_limits on RabbitMQ needs publisher confirms: "
-                    "remove broker_transport_options['confirm_publish']=False"
-                )
-            options["confirm_publish"] = True
-    elif settings.queue_limits and not str(app.conf.broker_url or "").startswith("local://"):
-        logger.warning(
-            "celery_ext: %squeue_limits is not enforced for broker %r (only redis://, "
-            "rediss://, amqp://, amqps:// single-URL brokers with broker_transport unset, "
-            "and the local lane)",
-            PREFIX,
-            app.conf.broker_url,
-        )
-    app.conf.broker_transport_options = options
-
-
-# -- enqueue_many -----------------------------------------------------------------
-# apply_async options that only shape the message (create_task_message), not the publish.
-_MESSAGE_ONLY = (
-    "countdown",
-    "eta",
-    "group_id",
-    "group_index",
-    "retries",
-    "chord",
-    "chain",
-    "root_id",
-    "parent_id",
-    "shadow",
-    "reply_to",
-    "replaced_task_nesting",
-    "argsrepr",
-    "kwargsrepr",
-    "time_limit",
-    "soft_time_limit",
-    "expires",
-    "ignore_result",
-)
-
-
-Pair = tuple[Sequence[Any], Mapping[str, Any]]
-
-
-class _Plan:
-    """What every message of one enqueue_many call shares, worked out once."""
-
-    def __init__(
-        self, app: Celery, task: Task, queue: str | None, options: dict[str, Any], first: Pair
-    ) -> None:
-        args, kwargs = first
-        opts: dict[str, Any] = {**_compat.task_exec_options(task), **options}
-        if queue is not None:
-            opts["queue"] = queue
-        opts.setdefault("ignore_result", task.ignore_result)
-        if task.priority:
-            opts.setdefault("priority", task.priority)
-        message = {k: opts.pop(k) for k in _MESSAGE_ONLY if k in opts}
-        message["callbacks"] = maybe_list(opts.pop("link", None))
-        message["errbacks"] = maybe_list(opts.pop("link_error", None))
-        opts = app.amqp.router.route(opts, task.name, args, kwargs, task)
-        expires = message.get("expires")
-        if isinstance(expires, datetime):
-            expires = (expires - app.now()).total_seconds()
-        if isinstance(expires, (int, float)):
-            opts["expiration"] = max(0.0, float(expires))
-        parent = app.current_worker_task
-        if parent is not None:
-            message.setdefault("root_id", parent.request.root_id or parent.request.id)
-            message.setdefault("parent_id", parent.request.id)
-            if app.conf.task_inherit_parent_priority:
-                opts.setdefault("priority", parent.request.delivery_info.get("priority"))
-        message.setdefault("reply_to", app.thread_oid)
-        message["create_sent_event"] = app.conf.task_send_sent_event
-        self.ignore_result = bool(message["ignore_result"])
-        self.shadow = message.pop("shadow", None)
-        self.message = message
-        self.options = opts
-        self.queue = opts.get("queue")
-        self.name = task.name
-        self.task = task
-        self.check = getattr(task, "__header__", None) if task.typing else None
-        # as_task_v2 would look task_repr_maxlevels up in app.conf twice per message.
-        self.reprs = (app.amqp.argsrepr_maxsize, app.amqp.kwargsrepr_maxsize)
-        self.repr_levels = app.conf.task_repr_maxlevels
-        self.create = app.amqp.create_task_message
-        self.send = app.amqp.send_task_message
-        self.backend = app.backend
-
-    def publish(self, producer: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
-        """Build one protocol message the way ``send_task`` does and publish it."""
-        task_id: str = uuid()
-        if self.check is not None:
-            self.check(*args, **kwargs)
-        shadow = self.shadow or self.task.shadow_name(args, kwargs, self.options)
-        fields = {
-            "argsrepr": saferepr(args, self.reprs[0], maxlevels=self.repr_levels),
-            "kwargsrepr": saferepr(kwargs, self.reprs[1], maxlevels=self.repr_levels),
-            **self.message,  # the caller's argsrepr/kwargsrepr win, as in apply_async
-        }
-        message = self.create(
-            task_id, self.name, args, kwargs, shadow=shadow, **fields, **self.options
-        )
-        if not self.ignore_result:
-            self.backend.on_task_call(producer, task_id)
-        self.send(producer, self.name, message, retry=False, declare=[], **self.options)
-        return task_id
-
-
-def _chunks(pairs: Iterable[T], size: int) -> Iterator[list[T]]:
-    it = iter(pairs)
-    while chunk := list(itertools.islice(it, size)):
-        yield chunk
-
-
-def enqueue_many(
-    task: Task,
-    args_iter: Iterable[Sequence[Any]],
-    kwargs_iter: Iterable[Mapping[str, Any]] | None = None,
-    *,
-    queue: str | None = None,
-    chunk: int = 500,
-    **options: Any,
-) -> list[str]:
-    """Publish one ``task`` message per item of ``args_iter``; return the accepted task ids.
-
-    The messages are ordinary Celery protocol-2 task messages, built with
-    ``app.amqp.create_task_message`` and sent with ``app.amqp.send_task_message``
-    (publish signals and ``task-sent`` events fire as for ``apply_async``), so a
-    stock worker runs them. ``options`` are ``apply_async`` options (including
-    ``max_queued``); routing, execution options and parent ids are worked out
-    once per call, from the first message. ``kwargs_iter``, when given, must be
-    as long as ``args_iter``.
-
-    Publishing is pipelined per ``chunk`` messages, the bound staying exact:
-    on Redis one Lua call per chunk pushes as many as fit; on RabbitMQ a chunk
-    is published on a dedicated channel and confirmed at once; on the local
-    lane each message meets the lane's own bound. For the messages that do not
-    fit, the policy decides: ``shed`` drops and counts them (their ids are not
-    returned); ``block`` waits for room up to ``queue_block_timeout`` without
-    progress; ``raise`` (and a ``block`` that timed out) raises
-    :class:`BatchQueueFull`, whose ``accepted_ids`` were queued and will run.
-    Connection errors are not retried (a chunk's fate is then unknown); no
-    ``AsyncResult`` objects are created.
-
-    Example::
-
-        ids = celery_ext.enqueue_many(send_email, [(to, "hi") for to in recipients])
-        ids = celery_ext.enqueue_many(resize, ([p] for p in paths), queue="images", chunk=1000)
-    """
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk={chunk!r}: expected an integer >= 1")
-    app: Celery = _compat.task_app(task)
-    Bounds.of(app)  # installed?
-    if kwargs_iter is None:
-        pairs: Iterator[Pair] = ((a, {}) for a in args_iter)
-    else:
-        pairs = zip(args_iter, kwargs_iter, strict=True)
-    if app.conf.task_always_eager:
-        return [str(task.apply_async(a, k, queue=queue, **options).id) for a, k in pairs]
-    first = next(pairs, None)
-    if first is None:
-        return []
-    plan = _Plan(app, task, queue, options, first)
-    ids: list[str] = []
-    with app.producer_or_acquire() as pooled, _own_channel(pooled) as channel:
-        producer = pooled if channel is None else app.amqp.Producer(channel, auto_declare=False)
-        if plan.queue is not None:
-            producer.maybe_declare(plan.queue, retry=True)
-        for batch in _chunks(itertools.chain([first], pairs), chunk):
-            accepted, refusal = _publish_chunk(plan, producer, batch)
-            ids += accepted
-            if refusal is not None:
-                raise BatchQueueFull(
-                    refusal.queue, refusal.limit, refusal.depth, refusal.waited_s, ids
-                )
-    return ids
-
-
-@contextmanager
-def _own_channel(producer: Any) -> Iterator[Any]:
-    """RabbitMQ: a channel of enqueue_many's own (confirm tags counted from 1), else None."""
-    if not isinstance(producer.channel, AmqpChannel):
-        yield None
-        return
-    channel = producer.connection.channel()
-    try:
-        yield channel
-    finally:
-        if channel.is_open:
-            channel.close()
-
-
-def _publish_chunk(
-    plan: _Plan, producer: Any, batch: list[Pair]
-) -> tuple[list[str], QueueFull | None]:
-    channel = producer.channel
-    if isinstance(channel, _Collecting):
-        with channel.collecting() as held:
-            for args, kwargs in batch:
-                plan.publish(producer, args, kwargs)
-        return channel.flush(held)
-    ids: list[str] = []  # the local lane (its own bound) or a stock transport
-    for args, kwargs in batch:
-        try:
-            task_id = plan.publish(producer, args, kwargs)
-        except QueueFull as exc:
-            return ids, exc
-        if not getattr(channel, "last_put_shed", False):  # the local lane's "shed"
-            ids.append(task_id)
-    return ids, None

@@ -40,7 +40,7 @@ is never dead-lettered again (a worker consuming that queue would loop).
 Below Celery: an item in a Redis list that is not a kombu message at all (not
 JSON, or JSON without kombu's envelope, e.g. ``redis-cli LPUSH celery 'x'``)
 kills a stock worker or vanishes in a reconnect. celery_ext's Redis channel
-(:mod:`celery_ext.redis_delivery`) moves such an item, in the script that pops
+(:mod:`celery_ext.transports.redis`) moves such an item, in the script that pops
 it, to a holding list, and :func:`dead_letter_raw` keeps it in the dead-letter
 queue (reason ``undecodable`` or ``invalid message``, its raw bytes) before
 the holding list lets it go. On RabbitMQ every message is a kombu message;

@@ -10,7 +10,7 @@ default) nothing is measured, as in stock Celery.
 How: kombu serializes a body in ``Producer.publish`` and hands it to the
 channel's ``prepare_message`` before it declares or sends anything; every
 publish goes through there (``apply_async``, ``send_task``, retries, chains,
-:func:`~celery_ext.bounds.enqueue_many`, a raw ``Producer.publish``). The
+:func:`~celery_ext.enqueue_many`, a raw ``Producer.publish``). The
 :class:`SizeLimited` channel mixin checks the body there, on the transports
 ``install(app)`` uses (the local lane, Redis and RabbitMQ; see
 :mod:`celery_ext.bounds`), reading the cap from the app's own

@@ -17,8 +17,8 @@ from celery import Celery
 
 import celery_ext
 from celery_ext import LocalWorker
-from celery_ext.delays import AmqpParking
 from celery_ext.lane import lane_of
+from celery_ext.transports.amqp import AmqpParking
 from tests.helpers import (
     broker_url,
     depth,
@@ -192,7 +192,7 @@ def test_producers_park_far_etas_themselves(app: Celery) -> None:
         if driver == "local":
             waiting, parked = lane_of(app).depth(queue), lane_of(app).parked(queue)
         elif driver == "redis":
-            from celery_ext.delays import RedisParking
+            from celery_ext.transports.redis import RedisParking
 
             waiting, parked = channel.client.llen(queue), RedisParking(channel).parked(queue)
         else:  # RabbitMQ's delay queues are shared by every queue: no exact count

@@ -17,14 +17,10 @@ from kombu import Connection
 
 import celery_ext
 from celery_ext import ConfigurationError, LocalWorker, QueueFull, enqueue_many
-from celery_ext.bounds import (
-    AmqpChannel,
-    BatchQueueFull,
-    Bounds,
-    shed_count,
-)
+from celery_ext.bounds import BatchQueueFull, Bounds, shed_count
 from celery_ext.lane import lane_of
-from celery_ext.redis_transport import RedisChannel, RedissTransport
+from celery_ext.transports.amqp import AmqpChannel
+from celery_ext.transports.redis import RedisChannel, RedissTransport
 
 PRIORITY_SEP = "\x06\x16"
 
@@ -460,11 +456,11 @@ def test_queue_limits_task_and_call_bounds_apply_on_the_local_lane(unique_queue:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("redis://127.0.0.1:6379/3", "celery_ext.redis_transport:RedisTransport"),
-        ("rediss://127.0.0.1:6380/3", "celery_ext.redis_transport:RedissTransport"),
-        ("amqp://guest@127.0.0.1//", "celery_ext.bounds:AmqpTransport"),
-        ("pyamqp://guest@127.0.0.1//", "celery_ext.bounds:AmqpTransport"),
-        ("amqps://guest@127.0.0.1//", "celery_ext.bounds:AmqpsTransport"),
+        ("redis://127.0.0.1:6379/3", "celery_ext.transports.redis:RedisTransport"),
+        ("rediss://127.0.0.1:6380/3", "celery_ext.transports.redis:RedissTransport"),
+        ("amqp://guest@127.0.0.1//", "celery_ext.transports.amqp:AmqpTransport"),
+        ("pyamqp://guest@127.0.0.1//", "celery_ext.transports.amqp:AmqpTransport"),
+        ("amqps://guest@127.0.0.1//", "celery_ext.transports.amqp:AmqpsTransport"),
         ("local://", None),
         ("memory://", None),
         ("redis://a:6379;redis://b:6379", None),

@@ -16,7 +16,8 @@ from kombu import Connection
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 
 import celery_ext
-from celery_ext.delays import AMQP_MAX_DELAY_S, AmqpParking, RedisParking, _keys
+from celery_ext.transports.amqp import AMQP_MAX_DELAY_S, AmqpParking, _keys
+from celery_ext.transports.redis import RedisParking
 
 
 @pytest.fixture

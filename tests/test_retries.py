@@ -15,8 +15,9 @@ from celery.exceptions import TimeLimitExceeded
 
 import celery_ext
 from celery_ext import DeadLetters, LocalWorker, RetryAfter, TaskTimeout, fixed
-from celery_ext.delays import RETRY_HEADER, AmqpParking
+from celery_ext.delays import RETRY_HEADER
 from celery_ext.signals import retries_exhausted
+from celery_ext.transports.amqp import AmqpParking
 from tests.helpers import broker_url, embedded_worker, get_or_dump, new_app, wait_for
 
 

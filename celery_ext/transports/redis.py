@@ -1,4 +1,14 @@
-"""Redis deliveries that a crash or a lost connection cannot drop.
+"""The Redis transport ``install(app)`` selects for ``redis://`` and ``rediss://``.
+
+kombu's Redis transport with producer-side bounds (:mod:`celery_ext.bounds`), the
+parking store for delayed messages (:class:`RedisParking`, see
+:mod:`celery_ext.delays`), far-future ETAs parked at publish, and deliveries a crash
+cannot drop (below). Imported only when an app uses Redis, so apps on ``local://``
+or ``amqp://`` import neither kombu's Redis transport nor ``redis``
+(``pip install celery_ext[redis]`` brings both). The worker's leases on Redis are
+:mod:`celery_ext.leases`.
+
+**Redis deliveries that a crash or a lost connection cannot drop.**
 
 kombu's Redis transport takes a message with ``BRPOP`` and only then, in a
 second command, records it as unacked (the ``unacked`` hash and the
@@ -37,13 +47,15 @@ error").
 
 Example::
 
-    celery_ext.install(app)   # redis:// now uses celery_ext.redis_transport:RedisTransport
+    celery_ext.install(app)   # redis:// now uses celery_ext.transports.redis:RedisTransport
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import time
+from functools import cached_property
 from typing import Any
 
 import redis
@@ -51,9 +63,30 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 from kombu.utils.json import dumps, loads
 
-from . import _compat
+from .. import _compat
+from ..bounds import (
+    BOUNDS_OPTION,
+    LIMIT_KW,
+    OPTION,
+    Bounds,
+    Collecting,
+    Pending,
+    check_limit,
+    offer,
+)
+from ..delays import redis_horizon
+from ..errors import QueueFull
+from ..sizes import SizeLimited
 
-__all__ = ["IDLE_WAIT_S", "AtomicDelivery", "RecordingQoS"]
+__all__ = [
+    "IDLE_WAIT_S",
+    "AtomicDelivery",
+    "RecordingQoS",
+    "RedisChannel",
+    "RedisParking",
+    "RedisTransport",
+    "RedissTransport",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -345,3 +378,261 @@ def _why_unreadable(raw: bytes) -> BaseException:
     return UnreadableMessage(
         f"not a kombu message: JSON {type(payload).__name__} without properties.delivery_tag"
     )
+
+
+# -- parking delayed messages ------------------------------------------------------
+#: Hash (field: sorted-set key, value: target list key) of every parking sorted set.
+REGISTRY = "celery_ext.parked"
+
+# KEYS[1] registry; ARGV: zset key, target list key, delay in ms, member.
+_PARK = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', ARGV[1], now_ms + tonumber(ARGV[3]), ARGV[4])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return now_ms + tonumber(ARGV[3])
+"""
+
+# KEYS[1] registry; ARGV: max messages to move. Returns the number moved.
+_MOVE = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local budget = tonumber(ARGV[1])
+local moved = 0
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  if budget <= 0 then break end
+  local zkey, target = entries[i], entries[i + 1]
+  local due = redis.call('ZRANGEBYSCORE', zkey, '-inf', now_ms, 'LIMIT', 0, budget)
+  for _, member in ipairs(due) do
+    redis.call('ZREM', zkey, member)
+    redis.call('LPUSH', target, member)
+  end
+  moved = moved + #due
+  budget = budget - #due
+  if redis.call('ZCARD', zkey) == 0 then
+    redis.call('HDEL', KEYS[1], zkey)
+  end
+end
+return moved
+"""
+
+
+class RedisParking:
+    """Parks raw kombu messages in Redis sorted sets until they are due.
+
+    ``channel`` is a channel of kombu's Redis transport (``conn.default_channel``).
+
+    Example::
+
+        parking = RedisParking(conn.default_channel)
+        parking.park("celery", raw, delay_s=60)
+        parking.parked("celery")     # 1
+    """
+
+    def __init__(self, channel: Any) -> None:
+        import redis  # the `redis` extra; kombu's Redis transport needs it anyway
+
+        self.channel = channel
+        # A plain client on kombu's pool: we apply global_keyprefix ourselves, to
+        # every key, instead of kombu's per-command prefixing.
+        self.client = redis.Redis(connection_pool=channel.pool)
+        self._prefix: str = getattr(channel, "global_keyprefix", "") or ""
+        self._registry = self._prefix + REGISTRY
+        self._park = self.client.register_script(_PARK)
+        self._move = self.client.register_script(_MOVE)
+
+    def _keys(self, queue: str, raw: dict[str, Any]) -> tuple[str, str]:
+        """(sorted-set key, target list key), both with the global prefix applied."""
+        priority = _compat.redis_message_priority(self.channel, raw)
+        target = self._prefix + _compat.redis_list_key(self.channel, queue, priority)
+        return f"{self._registry}:{target}", target
+
+    def park(self, queue: str, raw: dict[str, Any], delay_s: float) -> float:
+        """Park ``raw`` (a kombu Redis payload) for ``queue``; return its due time (epoch s).
+
+        Example::
+
+            parking.park("celery", message.serializable(), delay_s=3600)
+        """
+        zkey, target = self._keys(queue, raw)
+        member = dumps(raw)
+        delay_ms = max(0, int(delay_s * 1000))
+        due_ms = self._park(keys=[self._registry], args=[zkey, target, delay_ms, member])
+        return int(due_ms) / 1000.0
+
+    def move_due(self, limit: int = 1000) -> int:
+        """Move up to ``limit`` due messages back to their queues; return how many.
+
+        Example::
+
+            parking.move_due()   # 0 when nothing is due
+        """
+        return int(self._move(keys=[self._registry], args=[limit]))
+
+    def parked(self, queue: str) -> int:
+        """Messages parked for ``queue`` (all priorities).
+
+        Example::
+
+            parking.parked("celery")
+        """
+        total = 0
+        for priority in self.channel.priority_steps:
+            target = self._prefix + _compat.redis_list_key(self.channel, queue, priority)
+            total += int(self.client.zcard(f"{self._registry}:{target}"))
+        return total
+
+
+# -- the transport ---------------------------------------------------------------
+# KEYS: every priority list of one queue. ARGV[1] bound (0: none), ARGV[2] expiry in
+# ms (0: none), then (index into KEYS, payload) pairs. Pushes, in order, as many as
+# fit; returns {pushed, depth before}.
+_PUSH = """
+local limit = tonumber(ARGV[1])
+local count = (#ARGV - 2) / 2
+local depth = 0
+local n = count
+if limit > 0 then
+  for i = 1, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
+  n = math.max(0, math.min(limit - depth, count))
+end
+for i = 1, n do
+  redis.call('LPUSH', KEYS[tonumber(ARGV[1 + 2 * i])], ARGV[2 + 2 * i])
+end
+if n > 0 and tonumber(ARGV[2]) > 0 then
+  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+end
+return {n, depth}
+"""
+
+
+class RedisChannel(Collecting, SizeLimited, AtomicDelivery, _compat.RedisChannel):  # type: ignore[misc]
+    """kombu's Redis channel with bounded, atomic pushes (see the module docstring)
+    and deliveries a crash cannot drop (:class:`AtomicDelivery`)."""
+
+    def celery_ext_keep_unrecorded(self, item: tuple[Any, str, str]) -> None:
+        if self.bounds is not None:
+            self.bounds.keep_unrecorded(item)
+
+    def celery_ext_take_unrecorded(self) -> list[tuple[Any, str, str]]:
+        return self.bounds.take_unrecorded() if self.bounds is not None else []
+
+    def celery_ext_dead_letter_raw(self, raw: bytes, queue: str, reason: str, detail: str) -> bool:
+        if self.bounds is None:
+            return False
+        from ..intake import dead_letter_raw
+
+        return dead_letter_raw(self.bounds.app, raw, queue, reason, detail)
+
+    @cached_property
+    def bounds(self) -> Bounds | None:
+        bounds = self.connection.client.transport_options.get(BOUNDS_OPTION)
+        return bounds if isinstance(bounds, Bounds) else None
+
+    @cached_property
+    def _push_script(self) -> Any:
+        import redis  # kombu's Redis transport needs it anyway
+
+        # A plain client: kombu's prefixing client would prefix only the first key
+        # of an EVALSHA, so global_keyprefix is applied to every key here.
+        return redis.Redis(connection_pool=self.pool).register_script(_PUSH)
+
+    def basic_publish(self, message: Any, exchange: str, routing_key: str, **kwargs: Any) -> Any:
+        call = message["properties"].pop(OPTION, None)
+        if call is not None:
+            kwargs[LIMIT_KW] = check_limit(call, f"apply_async({OPTION})")
+        return super().basic_publish(message, exchange, routing_key, **kwargs)
+
+    @cached_property
+    def _parking(self) -> RedisParking:
+        return RedisParking(self)
+
+    def _park_at_publish(self, queue: str, message: Any) -> bool:
+        """Park a far-future ETA message instead of pushing it (see backpressure)."""
+        bounds = self.bounds
+        if bounds is None:
+            return False
+        horizon = redis_horizon(bounds.eta_horizon_s, float(self.visibility_timeout))
+        delay = bounds.park_delay(message.get("headers"), horizon)
+        if delay is None:
+            return False
+        bounds.parking(message.setdefault("headers", {}))
+        self._parking.park(queue, message, delay)
+        return True
+
+    def storage_put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        if self._park_at_publish(queue, message):
+            return None
+        call = kwargs.pop(LIMIT_KW, None)
+        bounds = self.bounds
+        limit = bounds.limit(queue, message["headers"].get("task"), call) if bounds else None
+        collector = self._collector
+        if bounds is None or (limit is None and collector is None):
+            return super().storage_put(queue, message, **kwargs)  # type: ignore[no-any-return]
+        # Bounded (or collected) messages skip kombu's Producer.batch pipeline: the
+        # bound is checked when they are pushed, so they are pushed now (or at flush).
+        priority = _compat.redis_message_priority(self, message)
+        key = _compat.redis_list_key(self, queue, priority)
+        item = Pending(queue, limit, message["headers"].get("id"), (key, dumps(message)))
+        if collector is not None:
+            collector.append(item)
+            return None
+        _, refusal = self._flush_run([item])
+        if refusal is not None:
+            raise refusal
+        return None
+
+    def _flush_run(self, run: list[Pending]) -> tuple[list[Pending], QueueFull | None]:
+        queue, limit = run[0].queue, run[0].limit
+        prefix = self.global_keyprefix or ""
+        lists = list(
+            dict.fromkeys(_compat.redis_list_key(self, queue, p) for p in self.priority_steps)
+        )
+        index = {name: i for i, name in enumerate(lists, 1)}
+        expires = self.queue_expires_ms(queue)
+        keys = [prefix + name for name in lists]
+
+        def attempt(items: list[Pending]) -> tuple[list[Pending], list[Pending], int]:
+            args: list[Any] = [limit or 0, expires]
+            for item in items:
+                args += (index[item.payload[0]], item.payload[1])
+            pushed, depth = self._push_script(keys=keys, args=args)
+            return items[:pushed], items[pushed:], int(depth) + int(pushed)
+
+        bounds = self.bounds
+        if limit is None or bounds is None:  # collected, unbounded: one push
+            return attempt(run)[0], None
+        return offer(bounds, queue, limit, run, attempt)
+
+
+class RedisTransport(kombu_redis.Transport):  # type: ignore[misc]
+    """kombu's Redis transport with producer-side bounds (``redis://`` after ``install``).
+
+    Example::
+
+        Celery(broker="redis://", broker_transport="celery_ext.transports.redis:RedisTransport")
+    """
+
+    Channel = RedisChannel
+
+
+class RedissTransport(RedisTransport):
+    """:class:`RedisTransport` for ``rediss://`` URLs, with kombu's TLS default.
+
+    kombu applies its ``rediss`` default (TLS without certificate checks, with a
+    warning) only when the transport comes from the URL; this does the same.
+
+    Example::
+
+        Celery(broker="rediss://host", broker_use_ssl={"ssl_cert_reqs": ssl.CERT_REQUIRED})
+    """
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        if not client.ssl:
+            logger.warning(
+                "Secure redis scheme specified (rediss) with no ssl options, "
+                "defaulting to insecure SSL behaviour."
+            )
+            client.ssl = {"ssl_cert_reqs": ssl.CERT_NONE}
+        super().__init__(client, **kwargs)
