@@ -56,7 +56,7 @@ from .errors import (
 )
 from .metrics import stats_section
 from .observability import start_flower
-from .retry import (
+from .retry_policy import (
     RetryPolicy,
     RetryState,
     attempts,

@@ -563,6 +563,38 @@ def gevent_pool(pool: Any) -> Any:
     return pool._pool
 
 
+# Celery's pools by module (``-P`` names map to these; ``processes`` is prefork's alias).
+_POOL_KINDS = {
+    "celery.concurrency.prefork": "prefork",
+    "celery.concurrency.thread": "threads",
+    "celery.concurrency.solo": "solo",
+    "celery.concurrency.gevent": "gevent",
+    "celery.concurrency.eventlet": "eventlet",
+    "prefork": "prefork",
+    "processes": "prefork",
+    "threads": "threads",
+    "solo": "solo",
+    "gevent": "gevent",
+    "eventlet": "eventlet",
+}
+
+
+def pool_kind(pool: Any) -> str | None:
+    """Which of Celery's pools ``pool`` is (a class, an instance, or a ``-P`` name).
+
+    None for any other pool (celery_ext's own, or a custom ``-P module:Class``).
+
+    Example::
+
+        pool_kind("processes")   # 'prefork'
+    """
+    if isinstance(pool, str):
+        name = pool.split(":", 1)[0]
+    else:
+        name = (pool if isinstance(pool, type) else type(pool)).__module__
+    return _POOL_KINDS.get(name)
+
+
 # -- billiard's prefork pool ----------------------------------------------------------------
 _uses(celery.concurrency.prefork.TaskPool, "_pool", how="set")
 _uses(celery.concurrency.gevent.TaskPool, "_pool", how="set")

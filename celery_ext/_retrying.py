@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-import traceback
 from typing import Any, NoReturn
 
 from celery import Task, current_task
@@ -23,15 +22,15 @@ from celery.worker import state as worker_state
 
 from . import _compat
 from ._settings import settings_of
-from .deadletter import DeadLetters
+from .deadletter import DeadLetters, new_entry
 from .delays import RETRY_HEADER
 from .errors import ConfigurationError, RetryScheduled
 from .metrics import DEAD_LETTERED, CountingRequest, counters_of
-from .retry import RetryPolicy, RetryState, now_iso
+from .retry_policy import RetryPolicy, RetryState, now_iso
 from .shutdown import interrupted_by_drain
 from .signals import retries_exhausted
 
-__all__ = ["RetryingRequest", "apply_task_options", "attach", "policy_of"]
+__all__ = ["RetryingRequest", "apply_retry_policy", "attach", "policy_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def policy_of(task: Any) -> RetryPolicy | None:
     return policy if isinstance(policy, RetryPolicy) else None
 
 
-def apply_task_options(task: Any) -> None:
+def apply_retry_policy(task: Any) -> None:
     """Attach the policy of ``@celery_ext.retry`` or ``@app.task(retry=...)`` to ``task``.
 
     ``@app.task(retry=policy)`` lands on the task class as ``retry`` and hides
@@ -59,7 +58,7 @@ def apply_task_options(task: Any) -> None:
 
     Example::
 
-        apply_task_options(app.tasks["shop.send_email"])
+        apply_retry_policy(app.tasks["shop.send_email"])
     """
     cls = task if isinstance(task, type) else type(task)
     policy = cls.__dict__.get("retry")
@@ -303,23 +302,17 @@ def _dead_letter(
 ) -> None:
     delivery = request.delivery_info or {}
     headers = {k: v for k, v in (request.headers or {}).items() if k != RETRY_HEADER}
-    entry = {
-        "id": request.id,
-        "task": task.name,
-        "args": list(request.args or ()),
-        "kwargs": dict(request.kwargs or {}),
-        "queue": delivery.get("routing_key") or "",
-        "headers": headers,
-        "reason": reason,
-        "exception": {
-            "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-            "message": str(exc),
-            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        },
-        "attempts": attempts,
-        "dead_at": now_iso(),
-        "hostname": request.hostname,
-    }
+    entry = new_entry(
+        request.id,
+        task.name,
+        delivery.get("routing_key") or "",
+        headers,
+        reason,
+        exc,
+        attempts=attempts,
+        hostname=request.hostname,
+    )
+    entry.update(args=list(request.args or ()), kwargs=dict(request.kwargs or {}))
     setattr(exc, DEAD_LETTERED, True)  # the worker's main process counts it
     try:
         DeadLetters(task.app).push(entry)

@@ -27,7 +27,7 @@ from celery import Celery
 
 from .errors import ConfigurationError
 
-__all__ = ["PREFIX", "Settings", "settings_of", "task_label"]
+__all__ = ["PREFIX", "Settings", "seconds", "settings_of", "task_label"]
 
 PREFIX = "celery_ext_"
 
@@ -98,18 +98,30 @@ def _bool(key: str, value: object) -> bool:
     return value
 
 
-def _duration(key: str, value: object) -> float:
+def seconds(label: str, value: object, *, positive: bool = False, allow_inf: bool = False) -> float:
+    """``value`` (int, float or ``timedelta``) as float seconds; the error names ``label``.
+
+    The one check of every duration celery_ext takes: settings, task options, waits.
+
+    Example::
+
+        seconds("task 'shop.export': timeout", timedelta(minutes=1), positive=True)   # 60.0
+    """
     if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise ConfigurationError(
-            f"{PREFIX}{key}={value!r}: expected seconds (int or float) or a timedelta"
-        )
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ConfigurationError(f"{PREFIX}{key}={value!r}: expected a finite duration >= 0")
-    return seconds
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(f"{label}={value!r}: expected seconds (a number or a timedelta)")
+    number = float(value)
+    if math.isnan(number) or (math.isinf(number) and not allow_inf):
+        raise ConfigurationError(f"{label}={value!r}: expected a finite number of seconds")
+    if number <= 0 if positive else number < 0:
+        bound = "> 0" if positive else ">= 0"
+        raise ConfigurationError(f"{label}={value!r}: expected seconds {bound}")
+    return number
+
+
+def _duration(key: str, value: object) -> float:
+    return seconds(f"{PREFIX}{key}", value)
 
 
 def _policy(key: str, value: object) -> str:

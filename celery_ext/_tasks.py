@@ -1,7 +1,7 @@
 """celery_ext's task options, applied as each task is bound (a ``task_annotations`` entry).
 
 ``timeout``/``soft_timeout`` (:mod:`celery_ext.timeouts`), ``async def`` bodies
-(:mod:`celery_ext.aio`), retry policies (:mod:`celery_ext.retry`) and the drain's
+(:mod:`celery_ext.aio`), retry policies (:mod:`celery_ext.retry_policy`) and the drain's
 hand-back (:mod:`celery_ext.shutdown`) are set on
 the task class when Celery binds it, so a bad value fails where the task is
 created, naming it. The entry returns no annotation of its own, so the app's
@@ -28,13 +28,13 @@ def apply_task_options(task: Any) -> None:
 
         apply_task_options(app.tasks["shop.export"])
     """
-    timeouts.apply_task_options(task)  # first: it may wrap an async body
+    timeouts.apply_timeouts(task)  # first: it may wrap an async body
     cls: Any = task if isinstance(task, type) else type(task)
     if cls.Request == _STOCK_REQUEST:  # a custom Request class stays (uncounted)
         cls.Request = "celery_ext.metrics:CountingRequest"
-    _retrying.apply_task_options(task)
-    durability.apply_task_options(task)
-    shutdown.apply_task_options(task)  # last: outside the retry policy's wrapper
+    _retrying.apply_retry_policy(task)
+    durability.route_lossy(task)
+    shutdown.wrap_hand_back(task)  # last: outside the retry policy's wrapper
 
 
 def apply_all(app: Celery) -> None:

@@ -470,7 +470,7 @@ def _restore_route(message: Any) -> None:
 
 
 def _is_solo(pool: Any) -> bool:
-    return type(pool).__module__ == "celery.concurrency.solo" if pool is not None else False
+    return pool is not None and _compat.pool_kind(pool) == "solo"
 
 
 def _queue_of(c: Any, message: Any) -> str:

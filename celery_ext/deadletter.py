@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import traceback
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,8 +36,9 @@ from celery import Celery
 from kombu import Queue
 
 from ._settings import settings_of
+from .retry_policy import now_iso
 
-__all__ = ["DeadLetters"]
+__all__ = ["DeadLetters", "new_entry"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,3 +176,50 @@ def _decode(message: Any) -> dict[str, Any]:
     except Exception as exc:  # keep listing what can be read
         return {"id": None, "task": None, "reason": f"undecodable entry: {exc!r}"}
     return entry if isinstance(entry, dict) else {"id": None, "task": None, "raw": entry}
+
+
+_KEEP_ERROR_CHARS = 2000
+_KEEP_TRACEBACK_CHARS = 8000
+
+
+def new_entry(
+    entry_id: str,
+    task: str | None,
+    queue: str,
+    headers: dict[str, Any],
+    reason: str,
+    exc: BaseException | None,
+    *,
+    detail: str | None = None,
+    attempts: builtins.list[dict[str, Any]] | None = None,
+    hostname: str | None = None,
+) -> dict[str, Any]:
+    """A dead-letter entry: what, where, why, bounded in size; the caller adds the call.
+
+    ``detail`` is the error text (``str(exc)`` by default). A worker's retries add
+    ``args``/``kwargs``; the intake adds the raw ``message`` (and the call when it decodes).
+
+    Example::
+
+        entry = new_entry(request.id, "shop.send", "emails", {}, "retries exhausted", exc)
+        DeadLetters(app).push({**entry, "args": [1], "kwargs": {}})
+    """
+    text = str(exc) if detail is None else detail
+    trace = ""
+    if exc is not None and exc.__traceback__ is not None:
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {
+        "id": entry_id,
+        "task": task,
+        "queue": queue,
+        "headers": headers,
+        "reason": reason,
+        "exception": {
+            "type": None if exc is None else f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "message": text[:_KEEP_ERROR_CHARS],
+            "traceback": trace[-_KEEP_TRACEBACK_CHARS:],
+        },
+        "attempts": attempts or [],
+        "dead_at": now_iso(),
+        "hostname": hostname,
+    }

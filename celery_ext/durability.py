@@ -45,8 +45,9 @@ from celery.worker import state as worker_state
 from . import _compat
 from ._settings import settings_of
 from .errors import ConfigurationError, PoolNotAllowed
+from .lane import is_local
 
-__all__ = ["LANE_URL", "LaneWorker", "apply_task_options", "is_lossy", "lossy_tasks"]
+__all__ = ["LANE_URL", "LaneWorker", "is_lossy", "lossy_tasks", "route_lossy"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +86,12 @@ def lane_connection(app: Celery, **kwargs: Any) -> Any:
     return app.connection_for_write(url=LANE_URL, transport="local", **kwargs)
 
 
-def apply_task_options(task: Any) -> None:
+def route_lossy(task: Any) -> None:
     """Send a ``durable=False`` task to the local lane when its app's broker is another.
 
     Example::
 
-        apply_task_options(app.tasks["shop.warm_cache"])
+        route_lossy(app.tasks["shop.warm_cache"])
     """
     cls: Any = task if isinstance(task, type) else type(task)
     durable = getattr(cls, "durable", True)
@@ -109,7 +110,7 @@ def apply_task_options(task: Any) -> None:
         if (
             options.get("connection") is None
             and options.get("producer") is None
-            and not _on_lane(app)
+            and not is_local(app)
         ):
             with lane_connection(app) as conn:
                 return original(self, *args, connection=conn, **options)
@@ -117,10 +118,6 @@ def apply_task_options(task: Any) -> None:
 
     apply_async.celery_ext_lossy = True  # type: ignore[attr-defined]
     cls.apply_async = apply_async
-
-
-def _on_lane(app: Celery) -> bool:
-    return str(app.conf.broker_url or "").startswith("local://")
 
 
 class LaneWorker(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -142,13 +139,13 @@ class LaneWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         self.lane: Any = None
         self.report: Any = None
         self.enabled = (
-            not _on_lane(w.app)
+            not is_local(w.app)
             and not getattr(w, "celery_ext_embedded", False)
             and bool(lossy_tasks(_finalized(w.app)))
         )
         if self.enabled:
             pool = w.pool_cls
-            if "prefork" in str(getattr(pool, "__module__", pool)):
+            if _compat.pool_kind(pool) == "prefork":
                 names = lossy_tasks(w.app)
                 which = (
                     f"the task {names[0]} is durable=False and runs"

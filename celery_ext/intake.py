@@ -59,7 +59,6 @@ import base64
 import functools
 import json
 import logging
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -72,10 +71,9 @@ from kombu.utils.uuid import uuid
 
 from . import _compat
 from ._settings import settings_of
-from .deadletter import DeadLetters
+from .deadletter import DeadLetters, new_entry
 from .errors import MessageTooLarge
 from .metrics import counters_of, send_worker_event
-from .retry import now_iso
 from .sizes import body_size
 
 __all__ = ["Intake", "dead_letter_raw"]
@@ -92,8 +90,6 @@ _HOOKS = (
 )
 _KEEP_BODY_BYTES = 64 * 1024
 _KEEP_JSON_CHARS = 16 * 1024  # headers, delivery info, properties
-_KEEP_ERROR_CHARS = 2000
-_KEEP_TRACEBACK_CHARS = 8000
 
 
 class Intake(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -424,30 +420,25 @@ def _entry(
     raw = _raw(message.body)
     text, encoding, truncated = _body_text(raw)
     properties = {k: v for k, v in (message.properties or {}).items() if k != "delivery_info"}
-    entry: dict[str, Any] = {
-        "id": entry_id,
-        "task": task if isinstance(task, str) else None,
-        "queue": queue,
-        "headers": _jsonable(headers),
-        "reason": reason,
-        "exception": {
-            "type": _type_name(exc),
-            "message": detail[:_KEEP_ERROR_CHARS],
-            "traceback": _traceback(exc),
-        },
-        "attempts": [],
-        "dead_at": now_iso(),
-        "hostname": getattr(c, "hostname", None),
-        "message": {
-            "body": text,
-            "body_encoding": encoding,
-            "body_bytes": len(raw),
-            "body_truncated": truncated,
-            "content_type": _str_or_none(message.content_type),
-            "content_encoding": _str_or_none(message.content_encoding),
-            "delivery_info": _jsonable(dict(message.delivery_info or {})),
-            "properties": _jsonable(properties),
-        },
+    entry = new_entry(
+        entry_id,
+        task if isinstance(task, str) else None,
+        queue,
+        _jsonable(headers),
+        reason,
+        exc,
+        detail=detail,
+        hostname=getattr(c, "hostname", None),
+    )
+    entry["message"] = {
+        "body": text,
+        "body_encoding": encoding,
+        "body_bytes": len(raw),
+        "body_truncated": truncated,
+        "content_type": _str_or_none(message.content_type),
+        "content_encoding": _str_or_none(message.content_encoding),
+        "delivery_info": _jsonable(dict(message.delivery_info or {})),
+        "properties": _jsonable(properties),
     }
     if reason != "oversize" and not truncated and isinstance(task, str):
         entry.update(_call(message))  # args and kwargs, when the body decodes: replayable
@@ -531,13 +522,6 @@ def _type_name(exc: BaseException | None) -> str | None:
     if exc is None:
         return None
     return f"{type(exc).__module__}.{type(exc).__qualname__}"
-
-
-def _traceback(exc: BaseException | None) -> str:
-    if exc is None or exc.__traceback__ is None:
-        return ""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return text[-_KEEP_TRACEBACK_CHARS:]
 
 
 def _one_line(text: str, limit: int = 300) -> str:

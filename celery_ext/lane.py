@@ -55,6 +55,7 @@ from celery import Celery, bootsteps
 from celery.exceptions import ImproperlyConfigured
 from kombu.transport import virtual
 
+from . import _compat
 from ._settings import Settings
 from .errors import LaneNotInstalled, PoolNotAllowed, QueueFull
 
@@ -550,9 +551,7 @@ class LaneGuard(bootsteps.Step):  # type: ignore[misc]
     name = "celery_ext.lane.LaneGuard"
 
     def __init__(self, w: Any, **kwargs: Any) -> None:
-        pool = getattr(w, "pool_cls", None)
-        module = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
-        if is_local(w.app) and module.rsplit(".", 1)[-1] in ("prefork", "processes"):
+        if is_local(w.app) and _compat.pool_kind(getattr(w, "pool_cls", None)) == "prefork":
             raise PoolNotAllowed(
                 "celery_ext: the local lane (local://) lives in this process's memory and prefork "
                 "children cannot reach it; start the worker with -P threads, -P solo or "

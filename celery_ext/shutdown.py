@@ -63,7 +63,7 @@ from .metrics import counters_of, send_worker_event
 from .signals import drain_finished, drain_started
 from .timeouts import GeventTimeoutPool, TimeoutPool, shared_state
 
-__all__ = ["Drain", "apply_task_options", "interrupted_by_drain"]
+__all__ = ["Drain", "interrupted_by_drain", "wrap_hand_back"]
 
 logger = logging.getLogger(__name__)
 
@@ -519,7 +519,7 @@ def interrupted_by_drain(exc: BaseException) -> bool:
     return False
 
 
-def apply_task_options(task: Any) -> None:
+def wrap_hand_back(task: Any) -> None:
     """Wrap ``task``'s body so a run ended by the drain's interrupt is handed back.
 
     Applied to every task by ``install(app)``; outside a worker's drain the
@@ -527,7 +527,7 @@ def apply_task_options(task: Any) -> None:
 
     Example::
 
-        apply_task_options(app.tasks["shop.export"])
+        wrap_hand_back(app.tasks["shop.export"])
     """
     cls: Any = task if isinstance(task, type) else type(task)
     raw: Any = next((k.__dict__["run"] for k in cls.__mro__ if "run" in k.__dict__), None)

@@ -42,6 +42,7 @@ from celery import Celery
 
 from ._settings import PREFIX, Settings
 from .errors import MessageTooLarge
+from .lane import is_local
 
 __all__ = ["LIMIT_OPTION", "SizeLimited", "body_size", "limit_of", "setup"]
 
@@ -129,7 +130,7 @@ def setup(app: Celery, settings: Settings) -> None:
     options[LIMIT_OPTION] = settings.max_message_bytes
     app.conf.broker_transport_options = options
     transport = str(app.conf.broker_transport or "")
-    local = str(app.conf.broker_url or "").startswith("local://")
+    local = is_local(app)
     if not local and not transport.startswith("celery_ext."):
         logger.warning(
             "celery_ext: %smax_message_bytes is not checked when publishing to broker %r "

@@ -45,7 +45,6 @@ import functools
 import heapq
 import itertools
 import logging
-import math
 import mmap
 import signal
 import threading
@@ -61,7 +60,7 @@ from celery.concurrency.gevent import TaskPool as GeventPool
 from celery.worker import state as worker_state
 
 from . import _compat, aio
-from ._settings import task_label
+from ._settings import seconds, task_label
 from .errors import ConfigurationError, DrainInterrupted, TaskTimeout
 
 __all__ = ["TimeoutPool", "Timeouts", "remaining", "timeout"]
@@ -76,15 +75,7 @@ _ATTRS = {"timeout": "time_limit", "soft_timeout": "soft_time_limit"}
 
 # -- options --------------------------------------------------------------------
 def _seconds(where: str, option: str, value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationError(f"{where}: {option}={value!r}: expected seconds (a number > 0)")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigurationError(f"{where}: {option}={value!r}: expected seconds > 0")
-    return float(value)
+    return None if value is None else seconds(f"{where}: {option}", value, positive=True)
 
 
 def _check_pair(where: str, hard: float | None, soft: float | None) -> None:
@@ -94,7 +85,7 @@ def _check_pair(where: str, hard: float | None, soft: float | None) -> None:
         )
 
 
-def apply_task_options(task: Any) -> None:
+def apply_timeouts(task: Any) -> None:
     """Turn a task's ``timeout``/``soft_timeout`` options into Celery's time limits.
 
     Called for every task by ``install`` (at finalize) and at worker start;
@@ -105,7 +96,7 @@ def apply_task_options(task: Any) -> None:
 
     Example::
 
-        apply_task_options(app.tasks["shop.export"])   # time_limit = timeout
+        apply_timeouts(app.tasks["shop.export"])   # time_limit = timeout
     """
     where = f"task {task.name!r}"
     fun = getattr(task, "run", None)
@@ -879,8 +870,6 @@ class GeventTimeoutPool(_compat.InfoPool, GeventPool):  # type: ignore[misc]
 
 
 # -- the worker step ------------------------------------------------------------------
-_REPLACED = {"celery.concurrency.thread", "celery.concurrency.solo"}
-_ENFORCING = {"celery.concurrency.prefork", "celery_ext.timeouts"}
 
 
 class Timeouts(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -900,14 +889,16 @@ class Timeouts(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def __init__(self, w: Any, **kwargs: Any) -> None:
         pool = w.pool_cls
-        module = getattr(pool, "__module__", "")
-        if module in _REPLACED:
-            if module == "celery.concurrency.solo":  # one thread; the consumer stays free
+        kind = _compat.pool_kind(pool)
+        if kind in ("threads", "solo"):
+            if kind == "solo":  # one thread; the consumer stays free
                 w.concurrency = w.min_concurrency = 1
             w.pool_cls = TimeoutPool
         elif pool is GeventPool:
             w.pool_cls = GeventTimeoutPool
-        elif module not in _ENFORCING:
+        elif kind != "prefork" and not (
+            isinstance(pool, type) and issubclass(pool, (TimeoutPool, GeventTimeoutPool))
+        ):
             logger.warning(
                 "celery_ext: the %s pool does not enforce soft time limits "
                 "(timeouts are enforced on prefork, threads, solo and gevent)",

@@ -22,7 +22,7 @@ from celery_ext import (
     fixed,
     linear,
 )
-from celery_ext.retry import retry_after_of
+from celery_ext.retry_policy import retry_after_of
 
 
 def state(attempt: int = 1, elapsed: float = 0.0, previous: float = 0.0, seed: int = 0) -> Any:

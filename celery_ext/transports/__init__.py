@@ -25,6 +25,7 @@ from celery import Celery
 from .._settings import PREFIX, Settings
 from ..bounds import BOUNDS_OPTION, Bounds
 from ..errors import ConfigurationError
+from ..lane import is_local
 
 __all__ = ["setup"]
 
@@ -88,7 +89,7 @@ def setup(app: Celery, settings: Settings) -> None:
                     "remove broker_transport_options['confirm_publish']=False"
                 )
             options["confirm_publish"] = True
-    elif settings.queue_limits and not str(app.conf.broker_url or "").startswith("local://"):
+    elif settings.queue_limits and not is_local(app):
         logger.warning(
             "celery_ext: %squeue_limits is not enforced for broker %r (only redis://, "
             "rediss://, amqp://, amqps:// single-URL brokers with broker_transport unset, "

@@ -40,9 +40,10 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
+from ._settings import seconds as check_seconds
 from ._settings import task_label
 from .errors import ConfigurationError, RetryAfter
 
@@ -141,10 +142,9 @@ def as_wait(value: Wait | Callable[[RetryState], float]) -> Wait:
 
 
 def _seconds(where: str, name: str, value: object, allow_inf: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, timedelta):  # the waits compute with it as a number
         raise ConfigurationError(f"{where}: {name}={value!r}: expected seconds (a number)")
-    if value < 0 or math.isnan(value) or (math.isinf(value) and not allow_inf):
-        raise ConfigurationError(f"{where}: {name}={value!r}: expected seconds >= 0")
+    check_seconds(f"{where}: {name}", value, allow_inf=allow_inf)
 
 
 @dataclass(frozen=True)
