@@ -45,6 +45,7 @@ from celery.worker import state as worker_state
 from . import _compat
 from ._settings import settings_of
 from .bounds import BOUNDS_OPTION, Bounds
+from .consumer_state import state_of
 from .delays import PARKED_HEADER, came_back, eta_delay, mark_parked, redis_horizon
 from .metrics import send_task_event
 from .transports.amqp import AmqpParking, parked_queue
@@ -251,8 +252,9 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
                 self.store.bind(queue.name)  # not from inside a message callback
         for name, strategy in list(c.strategies.items()):
             c.strategies[name] = self.wrap(c, strategy)
-        c.celery_ext_wrap_strategy = lambda strategy: self.wrap(c, strategy)
-        c.celery_ext_backpressure = self
+        state = state_of(c)
+        state.wrap_strategy = lambda strategy: self.wrap(c, strategy)
+        state.backpressure = self
         # Celery calls this from the ack callback (a pool thread on the threads pool).
         _compat.replace_prefetch_restore(c, lambda: self._restore_prefetch(c))
         if isinstance(self.store, AmqpParking) and self.mover is None:
@@ -358,6 +360,15 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
     def _forget_eta(self, message: Any) -> None:
         with contextlib.suppress(ValueError):  # not held here (no ETA, or parked)
             self._eta_messages.remove(message)
+
+    def eta_messages(self) -> list[Any]:
+        """The ETA messages this worker holds until their time (a copy).
+
+        Example::
+
+            len(step.eta_messages())
+        """
+        return list(self._eta_messages)
 
     def take_eta_messages(self) -> list[Any]:
         """The ETA messages still waiting for their time here; forgets them (drain).

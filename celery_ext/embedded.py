@@ -31,6 +31,7 @@ from kombu.utils.imports import symbol_by_name
 
 from . import _compat
 from ._settings import settings_of
+from .consumer_state import state_of
 from .lane import is_local, lane_of
 from .timeouts import TimeoutPool
 
@@ -121,7 +122,7 @@ class _LateStrategies(dict[str, Any]):
 
         apply_task_options(task)
         strategy = task.start_strategy(app, consumer)
-        wrap = getattr(consumer, "celery_ext_wrap_strategy", None)
+        wrap = state_of(consumer).wrap_strategy
         strategy = self[name] = wrap(strategy) if wrap is not None else strategy
         task.__trace__ = build_tracer(name, task, app.loader, consumer.hostname, app=app)
         return strategy

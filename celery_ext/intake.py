@@ -71,6 +71,7 @@ from kombu.utils.uuid import uuid
 
 from . import _compat
 from ._settings import settings_of
+from .consumer_state import state_of
 from .deadletter import DeadLetters, new_entry
 from .errors import MessageTooLarge
 from .metrics import counters_of, send_worker_event
@@ -129,7 +130,7 @@ class Intake(bootsteps.StartStopStep):  # type: ignore[misc]
             wrapped.celery_ext_intake = True  # type: ignore[attr-defined]
             _compat.replace_consumer_method(c, hook, wrapped)
         _compat.replace_consumer_method(c.task_consumer, "on_decode_error", c.on_decode_error)
-        c.celery_ext_intake = self
+        state_of(c).intake = self
 
     def stop(self, c: Any) -> None:
         for hook in _HOOKS:

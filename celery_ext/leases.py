@@ -64,6 +64,7 @@ from celery.worker import state as worker_state
 
 from . import _compat
 from ._settings import settings_of
+from .consumer_state import state_of
 from .shutdown import kept_written, requests_now
 
 __all__ = ["Leases"]
@@ -87,9 +88,9 @@ def _held_tags(c: Any) -> set[str]:
     requests = requests_now(worker_state.reserved_requests, worker_state.active_requests)
     requests += kept_written(c)  # prefork, warm shutdown: a child runs them
     messages = [_compat.request_message(r) for r in requests]
-    backpressure = getattr(c, "celery_ext_backpressure", None)
+    backpressure = state_of(c).backpressure
     if backpressure is not None:
-        messages += list(backpressure._eta_messages)
+        messages += backpressure.eta_messages()
     return {
         str(m.delivery_tag)
         for m in messages
@@ -134,7 +135,7 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
         return f"{self.prefix}.lease.{kind}:{identity}"
 
     def start(self, c: Any) -> None:
-        c.celery_ext_leases = self
+        state_of(c).leases = self
         connection = getattr(c, "connection", None)
         if not self.enabled or connection is None:
             return

@@ -54,6 +54,7 @@ from celery.worker.request import Request
 from . import _compat
 from ._http import listen, url_of
 from ._settings import settings_of
+from .consumer_state import state_of
 from .errors import HandedBack
 
 __all__ = [
@@ -239,7 +240,8 @@ def section(c: Any) -> dict[str, Any]:
         section(worker.consumer)["held"]
     """
     out: dict[str, Any] = {}
-    backpressure = getattr(c, "celery_ext_backpressure", None)
+    state = state_of(c)
+    backpressure = state.backpressure
     if backpressure is not None:
         out.update(backpressure.section(c))
     out["reserved"] = len(worker_state.reserved_requests)
@@ -247,7 +249,7 @@ def section(c: Any) -> dict[str, Any]:
     out["tasks"] = counters_of(c.app).snapshot()
     out["bad_input"] = counters_of(c.app, "bad_input").snapshot()
     controller = getattr(c, "controller", None)
-    drain = getattr(c, "celery_ext_drain", None)
+    drain = state.drain
     out["drain"] = drain.section(controller) if drain is not None else {"state": "running"}
     out["timeouts"] = {  # the worker's defaults (--time-limit, --soft-time-limit)
         "time_limit": getattr(controller, "time_limit", None),
@@ -258,10 +260,10 @@ def section(c: Any) -> dict[str, Any]:
     out["pool"] = {
         key: info[key] for key in ("abandoned_threads", "stuck_threads", "threads") if key in info
     }
-    leases = getattr(c, "celery_ext_leases", None)
+    leases = state.leases
     if leases is not None and leases.enabled_here:
         out["leases"] = leases.section()
-    probes = getattr(c, "celery_ext_probes", None)
+    probes = state.probes
     if probes is not None:
         out["probes"] = probes.section()
     return out

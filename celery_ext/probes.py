@@ -39,6 +39,7 @@ from celery import bootsteps
 
 from ._http import listen, url_of
 from ._settings import settings_of
+from .consumer_state import state_of
 
 __all__ = ["Probes"]
 
@@ -107,7 +108,7 @@ class Probes(bootsteps.StartStopStep):  # type: ignore[misc]
         if not self.enabled:
             return
         self.consumer = c
-        c.celery_ext_probes = self  # the drain marks the worker not ready first thing
+        state_of(c).probes = self  # the drain marks the worker not ready first thing
         self.consuming = True
         self.last_beat = time.monotonic()
         if self._beat_entry is None:

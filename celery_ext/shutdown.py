@@ -58,6 +58,7 @@ from celery.worker import state as worker_state
 
 from . import _compat
 from ._settings import settings_of
+from .consumer_state import state_of
 from .errors import DrainInterrupted, HandedBack
 from .metrics import counters_of, send_worker_event
 from .signals import drain_finished, drain_started
@@ -98,7 +99,7 @@ class Drain(bootsteps.StartStopStep):  # type: ignore[misc]
         super().__init__(c, **kwargs)
 
     def start(self, c: Any) -> None:
-        c.celery_ext_drain = self
+        state_of(c).drain = self
         pool: Any = getattr(c, "pool", None)
         if _compat.prefork_pool(pool) is not None and not isinstance(pool.flush, _NotingFlush):
             noting = _NotingFlush(pool)
@@ -143,7 +144,7 @@ class Drain(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def _drain(self, c: Any, worker: Any) -> None:
         tally = _Tally(worker, time.monotonic())
-        probes = getattr(c, "celery_ext_probes", None)
+        probes = state_of(c).probes
         if probes is not None:
             probes.stop(c)  # not ready from the first moment of the drain
         send_worker_event(c, "drain-started", drain_timeout_s=self.timeout_s)
@@ -190,7 +191,7 @@ class Drain(bootsteps.StartStopStep):  # type: ignore[misc]
         handed = 0
         # ETA-held messages: Celery already cleared its timer (Consumer.on_close), so
         # they will not run here; the Backpressure step kept the messages.
-        backpressure = getattr(c, "celery_ext_backpressure", None)
+        backpressure = state_of(c).backpressure
         for message in backpressure.take_eta_messages() if backpressure is not None else ():
             try:
                 message.reject(requeue=True)

@@ -17,6 +17,7 @@ from celery import Celery
 
 import celery_ext
 from celery_ext import LocalWorker
+from celery_ext.consumer_state import state_of
 from celery_ext.lane import lane_of
 from celery_ext.transports.amqp import AmqpParking
 from tests.helpers import (
@@ -326,7 +327,7 @@ def test_after_a_reconnect_the_prefetch_grows_back_from_the_consumer_thread(
                 wait_for(lambda: consumer.restart_count >= 1, timeout=30)
                 wait_for(lambda: len(done) == 200, timeout=90)
                 wait_for(lambda: consumer._maximum_prefetch_restored, timeout=30)
-                window = consumer.celery_ext_backpressure.ready_window
+                window = state_of(consumer).backpressure.ready_window
                 assert consumer.initial_prefetch_count == window
                 wait_for(lambda: consumer.qos.prev == consumer.qos.value)
         finally:
