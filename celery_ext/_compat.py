@@ -107,21 +107,21 @@ def _uses(
 
 # -- kombu's virtual transport: the local lane ------------------------------------------
 # kombu's virtual Channel calls these private hooks of a concrete transport (memory,
-# redis); the lane's Channel implements them under the public names on the right.
+# redis); VirtualChannel below maps each to a public ``storage_*`` name.
 _VIRTUAL_HOOKS = (
-    ("_next_delivery_tag", "storage_next_tag"),
-    ("_has_queue", "storage_has"),
-    ("_new_queue", "storage_declare"),
-    ("_get", "storage_get"),
-    ("_put", "storage_put"),
-    ("_put_fanout", "storage_put_fanout"),
-    ("_size", "storage_size"),
-    ("_purge", "storage_purge"),
-    ("_delete", "storage_delete"),
-    ("_queue_bind", "storage_bind"),
-    ("_restore", "storage_restore"),
+    "_next_delivery_tag",
+    "_has_queue",
+    "_new_queue",
+    "_get",
+    "_put",
+    "_put_fanout",
+    "_size",
+    "_purge",
+    "_delete",
+    "_queue_bind",
+    "_restore",
 )
-for _hook, _ in _VIRTUAL_HOOKS:
+for _hook in _VIRTUAL_HOOKS:
     _uses(
         kombu.transport.virtual.exchange
         if _hook == "_put_fanout"

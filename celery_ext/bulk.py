@@ -13,7 +13,6 @@ Example::
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -32,7 +31,6 @@ from .transports.amqp import AmqpChannel
 
 __all__ = ["enqueue_many"]
 
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -58,8 +57,6 @@ __all__ = [
     "AmqpsTransport",
     "parked_queue",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 _BITS: int = _native.MAX_NUMBER_OF_BITS_TO_USE  # 28 delay levels, 2^0 .. 2^27 s

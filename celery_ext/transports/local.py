@@ -11,7 +11,6 @@ Example::
 
 from __future__ import annotations
 
-import logging
 import threading
 from queue import Empty
 from time import monotonic
@@ -28,8 +27,6 @@ from ..lane import LANES_OPTION, Lane, Lanes, Message, is_local, lane_name
 from ..sizes import SizeLimited
 
 __all__ = ["Channel", "LaneAMQP", "LaneProducer", "LaneProducerPool", "Transport"]
-
-logger = logging.getLogger(__name__)
 
 
 class Channel(SizeLimited, _compat.VirtualChannel):
