@@ -47,6 +47,7 @@ from .errors import (
     HandedBack,
     LaneNotInstalled,
     MessageTooLarge,
+    NotReplicated,
     PoolNotAllowed,
     PortInUse,
     QueueFull,
@@ -83,6 +84,7 @@ __all__ = [
     "LaneNotInstalled",
     "LocalWorker",
     "MessageTooLarge",
+    "NotReplicated",
     "PoolNotAllowed",
     "PortInUse",
     "QueueFull",
@@ -162,6 +164,7 @@ def install(app: Celery, **overrides: Any) -> Settings:
             )
         return existing
     settings = Settings.from_app(app, overrides)
+    transports.check(app, settings)  # a broker setup that cannot hold: refused, unchanged
     _versions.warn_if_untested()
     # kombu resolves URL schemes through this registry; 'local' names our transport.
     kombu.transport.TRANSPORT_ALIASES.setdefault("local", "celery_ext.transports.local:Transport")

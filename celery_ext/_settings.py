@@ -57,6 +57,16 @@ def _positive_int(key: str, value: object) -> int:
     return value
 
 
+def _count(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{PREFIX}{key}={value!r}: expected an integer >= 0")
+    return value
+
+
+def _positive_duration(key: str, value: object) -> float:
+    return seconds(f"{PREFIX}{key}", value, positive=True)
+
+
 def _optional_positive_int(key: str, value: object) -> int | None:
     return None if value is None else _positive_int(key, value)
 
@@ -170,6 +180,8 @@ _CHECKS = {
     "leases": _bool,
     "lease_interval": _duration,
     "dead_worker_after": _duration,
+    "replica_acks": _count,
+    "replica_ack_timeout": _positive_duration,
 }
 
 
@@ -223,6 +235,11 @@ class Settings:
     - ``dead_letter_queue``: where tasks whose retries ran out are kept
       (on the app's broker; see :mod:`celery_ext.deadletter`), and the messages
       a worker could not run (see :mod:`celery_ext.intake`).
+    - ``replica_acks``: Redis (``redis://``, ``rediss://``, ``sentinel://``): a
+      publish returns only once this many replicas hold the message (``WAIT``),
+      else raises :class:`~celery_ext.errors.NotReplicated`; 0 (default): as
+      stock, the primary's acknowledgement only, which a failover can lose.
+    - ``replica_ack_timeout``: seconds a publish waits for those replicas.
     - ``max_message_bytes``: optional cap on a task message's serialized body:
       a bigger publish raises :class:`~celery_ext.errors.MessageTooLarge`, a
       bigger received message is dead-lettered, not run (None: no cap, as stock).
@@ -258,6 +275,8 @@ class Settings:
     leases: bool = True
     lease_interval: float = 5.0
     dead_worker_after: float = 15.0
+    replica_acks: int = 0
+    replica_ack_timeout: float = 1.0
 
     def __post_init__(self) -> None:
         if self.lease_interval <= 0 or self.dead_worker_after < 2 * self.lease_interval:

@@ -48,7 +48,7 @@ from .bounds import BOUNDS_OPTION, Bounds
 from .consumer_state import state_of
 from .delays import PARKED_HEADER, came_back, eta_delay, mark_parked, redis_horizon
 from .metrics import send_task_event
-from .transports.amqp import AmqpParking, parked_queue
+from .transports.amqp import AmqpParking, parked_queue, queue_type_of
 
 __all__ = ["Backpressure"]
 
@@ -121,8 +121,9 @@ class _AmqpMover:
     warm shutdown by seconds. The connection is made again after a failure.
     """
 
-    def __init__(self, app: Any, prefix: str, interval_s: float) -> None:
+    def __init__(self, app: Any, prefix: str, queue_type: str, interval_s: float) -> None:
         self.app, self.prefix, self.interval_s = app, prefix, interval_s
+        self.queue_type = queue_type
         self.parked: int | None = None  # messages in the delay levels, at the last count
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="celery_ext-mover", daemon=True)
@@ -136,7 +137,7 @@ class _AmqpMover:
             try:
                 if parking is None:
                     connection = self.app.connection_for_write()
-                    parking = AmqpParking(connection.channel(), prefix=self.prefix)
+                    parking = AmqpParking(connection.channel(), self.prefix, self.queue_type)
                 parking.move_due()
                 if time.monotonic() >= next_count:
                     self.parked = parking.parked_all()
@@ -156,7 +157,7 @@ class _AmqpMover:
         self._thread.join(timeout)
 
 
-def _parking_for(connection: Any, prefix: str) -> Any:
+def _parking_for(connection: Any, app: Any) -> Any:
     driver = connection.transport.driver_type
     if driver == "redis":
         from .transports.redis import RedisParking  # imports redis: only for Redis apps
@@ -166,7 +167,8 @@ def _parking_for(connection: Any, prefix: str) -> Any:
         return _LaneParking(connection.transport.lane)
     if driver == "amqp":
         try:
-            return AmqpParking(connection.default_channel, prefix=prefix)
+            prefix = settings_of(app).park_prefix
+            return AmqpParking(connection.default_channel, prefix, queue_type_of(app))
         except RuntimeError:  # kombu too old for prefixed delay levels
             logger.warning("celery_ext: no ETA parking on this kombu; ETA tasks stay in the worker")
     return None
@@ -227,7 +229,7 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, c: Any) -> None:
         # Runs after Tasks.start on every (re)connect: reapply the cap to the new QoS.
-        self.store = _parking_for(c.connection, settings_of(c.app).park_prefix)
+        self.store = _parking_for(c.connection, c.app)
         # After a reconnect Celery has dropped what the old channel delivered (its
         # timer is cleared): it is no longer held here, and the broker (or the
         # leases, on Redis) gives it out again.
@@ -258,7 +260,8 @@ class Backpressure(bootsteps.StartStopStep):  # type: ignore[misc]
         # Celery calls this from the ack callback (a pool thread on the threads pool).
         _compat.replace_prefetch_restore(c, lambda: self._restore_prefetch(c))
         if isinstance(self.store, AmqpParking) and self.mover is None:
-            self.mover = _AmqpMover(c.app, self.store.prefix, self.park_interval_s)
+            store = self.store
+            self.mover = _AmqpMover(c.app, store.prefix, store.queue_type, self.park_interval_s)
         redis = self.store is not None and c.connection.transport.driver_type == "redis"
         if redis and self._timer_entry is None:
             self._timer_entry = c.timer.call_repeatedly(self.park_interval_s, self._move_due)

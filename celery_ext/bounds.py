@@ -165,6 +165,9 @@ class Bounds:
         self.eta_horizon_s = settings.eta_horizon
         self.park_on_publish = settings.park_on_publish
         self.park_prefix = settings.park_prefix
+        #: Redis: replicas a publish waits for (``WAIT``), and for how long.
+        self.replica_acks = settings.replica_acks
+        self.replica_ack_timeout_s = settings.replica_ack_timeout
         #: RabbitMQ: ``x-max-length`` of the reject-publish queues declared so far.
         self.declared: dict[str, int] = {}
         self._shed: dict[str, int] = {}

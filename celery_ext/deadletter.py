@@ -56,7 +56,18 @@ class DeadLetters:
         self.queue = settings_of(app).dead_letter_queue
 
     def _declaration(self) -> Queue:
-        return Queue(self.queue, routing_key=self.queue, durable=True, auto_delete=False)
+        # On quorum queues the dead letters are replicated like the app's own queues.
+        from .transports.amqp import queue_type_of
+
+        quorum = queue_type_of(self.app) == "quorum"
+        arguments = {"x-queue-type": "quorum"} if quorum else None
+        return Queue(
+            self.queue,
+            routing_key=self.queue,
+            durable=True,
+            auto_delete=False,
+            queue_arguments=arguments,
+        )
 
     def push(self, entry: dict[str, Any]) -> None:
         """Store ``entry`` (JSON-serialisable); raises if the broker refuses it.

@@ -41,6 +41,7 @@ __all__ = [
     "HandedBack",
     "LaneNotInstalled",
     "MessageTooLarge",
+    "NotReplicated",
     "PoolNotAllowed",
     "PortInUse",
     "QueueFull",
@@ -140,6 +141,34 @@ class QueueFull(CeleryExtError):
 
     def __reduce__(self) -> tuple[type[QueueFull], tuple[str, int, int, float]]:
         return (type(self), (self.queue, self.limit, self.depth, self.waited_s))
+
+
+class NotReplicated(CeleryExtError):
+    """A Redis publish reached the primary but not ``celery_ext_replica_acks`` replicas in time.
+
+    The primary may still hold the message (and run it), or lose it in a
+    failover: publish again to be sure (the task may then run twice).
+
+    Example::
+
+        try:
+            task.delay()
+        except NotReplicated as exc:
+            print(exc.acked, exc.wanted)   # 0 1: the replica is down or behind
+    """
+
+    def __init__(self, queue: str, wanted: int, acked: int, timeout_s: float) -> None:
+        self.queue = queue
+        self.wanted = wanted
+        self.acked = acked
+        self.timeout_s = timeout_s
+        super().__init__(
+            f"publish to queue {queue!r} reached {acked} of the {wanted} replicas "
+            f"celery_ext_replica_acks asks for within {timeout_s:g}s: it may be lost in a failover"
+        )
+
+    def __reduce__(self) -> tuple[type[NotReplicated], tuple[str, int, int, float]]:
+        return (type(self), (self.queue, self.wanted, self.acked, self.timeout_s))
 
 
 class TaskTimeout(SoftTimeLimitExceeded, CeleryExtError):  # type: ignore[misc]

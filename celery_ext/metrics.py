@@ -56,6 +56,7 @@ from ._http import listen, url_of
 from ._settings import settings_of
 from .consumer_state import state_of
 from .errors import HandedBack
+from .transports import guarantees
 
 __all__ = [
     "CountingRequest",
@@ -266,6 +267,7 @@ def section(c: Any) -> dict[str, Any]:
     probes = state.probes
     if probes is not None:
         out["probes"] = probes.section()
+    out["broker"] = guarantees(c.app)
     return out
 
 

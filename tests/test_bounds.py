@@ -463,7 +463,12 @@ def test_queue_limits_task_and_call_bounds_apply_on_the_local_lane(unique_queue:
         ("amqps://guest@127.0.0.1//", "celery_ext.transports.amqp:AmqpsTransport"),
         ("local://", None),
         ("memory://", None),
-        ("redis://a:6379;redis://b:6379", None),
+        # Failover URLs of one scheme keep the guarantees; mixed schemes stay stock.
+        (
+            "redis://127.0.0.1:6379/3;redis://127.0.0.1:6380/3",
+            "celery_ext.transports.redis:RedisTransport",
+        ),
+        ("redis://a:6379;amqp://b:5672", None),
     ],
 )
 def test_install_selects_the_bounded_transport(url: str, expected: str | None) -> None:

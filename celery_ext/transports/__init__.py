@@ -1,9 +1,11 @@
 """kombu transports, one module per broker, and which one an app's URL gets.
 
-``install(app)`` selects celery_ext's transports for single-URL ``redis://``,
-``rediss://``, ``amqp://``, ``pyamqp://`` and ``amqps://`` brokers when
-``broker_transport`` is unset (:func:`setup`); ``local://`` is registered as a
-kombu alias. Each transport publishes exactly as kombu's when no bound applies.
+``install(app)`` selects celery_ext's transports for ``redis://``, ``rediss://``,
+``sentinel://``, ``amqp://``, ``pyamqp://`` and ``amqps://`` brokers (one URL, or
+failover URLs of one scheme) when ``broker_transport`` is unset (:func:`setup`);
+``local://`` is registered as a kombu alias. Each transport publishes exactly as
+kombu's when no bound applies. :func:`guarantees` says which guarantees hold on
+an app's broker setup (``inspect stats``, ``celery ext status``).
 
 - :mod:`celery_ext.transports.redis`: bounds, parking, atomic delivery;
 - :mod:`celery_ext.transports.amqp`: bounds, parking, pipelined confirms;
@@ -17,17 +19,18 @@ Example::
 from __future__ import annotations
 
 import logging
+from typing import Any
 from urllib.parse import urlparse
 
 import kombu.connection
 from celery import Celery
 
-from .._settings import PREFIX, Settings
+from .._settings import PREFIX, Settings, settings_of
 from ..bounds import BOUNDS_OPTION, Bounds
 from ..errors import ConfigurationError
 from ..lane import is_local
 
-__all__ = ["setup"]
+__all__ = ["check", "guarantees", "setup"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +41,10 @@ _TRANSPORTS = {
     "amqp": "celery_ext.transports.amqp:AmqpTransport",
     "pyamqp": "celery_ext.transports.amqp:AmqpTransport",
     "amqps": "celery_ext.transports.amqp:AmqpsTransport",
+    "sentinel": "celery_ext.transports.redis:SentinelTransport",
 }
 _SHOWN_AS = {
+    "celery_ext.transports.redis:SentinelTransport": "sentinel",
     "celery_ext.transports.redis:RedisTransport": "redis",
     "celery_ext.transports.redis:RedissTransport": "rediss",
     "celery_ext.transports.amqp:AmqpTransport": "amqp",
@@ -52,15 +57,110 @@ def _transport_for(app: Celery) -> str | None:
     conf = app.conf
     if conf.broker_transport:
         return None
+    return _TRANSPORTS.get(_scheme_of(app) or "")
+
+
+def _scheme_of(app: Celery) -> str | None:
+    """The one scheme of ``app``'s broker URLs (failover lists included), or None."""
+    conf = app.conf
     urls = [u for u in (conf.broker_url, conf.broker_read_url, conf.broker_write_url) if u]
     schemes = set()
     for url in urls or ["amqp://"]:  # Celery's default broker
-        if not isinstance(url, str) or ";" in url or "://" not in url:
+        if not isinstance(url, str):
             return None
-        schemes.add(urlparse(url).scheme)
-    if len(schemes) != 1:
-        return None
-    return _TRANSPORTS.get(schemes.pop())
+        for part in url.split(";"):  # failover URLs, or Sentinel's list of sentinels
+            if "://" not in part:
+                return None
+            schemes.add(urlparse(part.strip()).scheme)
+    return schemes.pop() if len(schemes) == 1 else None
+
+
+def check(app: Celery, settings: Settings) -> None:
+    """Refuse, naming the reason, a broker setup that cannot give what was asked for.
+
+    Called by ``install(app)`` before anything is changed. ``sentinel://`` needs
+    ``broker_transport_options["master_name"]``; ``replica_acks`` needs a Redis
+    broker on celery_ext's transports; ``queue_limits`` a broker they bound.
+
+    Example::
+
+        check(app, settings_of(app))   # raises ConfigurationError, or returns
+    """
+    transport = _transport_for(app)
+    options = app.conf.broker_transport_options or {}
+    if transport == _TRANSPORTS["sentinel"] and not options.get("master_name"):
+        raise ConfigurationError(
+            "broker sentinel:// needs broker_transport_options={'master_name': ...}: "
+            "the name the sentinels monitor the primary under"
+        )
+    redis_family = transport in {_TRANSPORTS[s] for s in ("redis", "rediss", "sentinel")}
+    if settings.replica_acks and not redis_family:
+        raise ConfigurationError(
+            f"{PREFIX}replica_acks={settings.replica_acks}: waits for Redis replicas, so it "
+            "needs a redis://, rediss:// or sentinel:// broker with broker_transport unset "
+            f"(broker: {app.conf.broker_url!r}). RabbitMQ: use quorum queues "
+            "(task_default_queue_type='quorum'), whose publisher confirms come from a "
+            "majority of nodes"
+        )
+    if settings.queue_limits and transport is None and not is_local(app):
+        raise ConfigurationError(
+            f"{PREFIX}queue_limits cannot be enforced on broker {app.conf.broker_url!r}: "
+            "celery_ext bounds redis://, rediss://, sentinel://, amqp:// and amqps:// "
+            "brokers with broker_transport unset, and the local lane"
+        )
+
+
+def guarantees(app: Celery) -> dict[str, Any]:
+    """What holds on ``app``'s broker setup (``inspect stats`` row ``celery_ext.broker``).
+
+    Example::
+
+        guarantees(app)
+        # {"transport": "sentinel", "replica_acks": 1, "publish": "on 1 replica(s) ...", ...}
+    """
+    if is_local(app):
+        return {
+            "transport": "local",
+            "publish": "in this process's memory: lost with it (durable=False work)",
+            "bounds": "enforced",
+        }
+    chosen = app.conf.broker_transport  # set by setup() when it chose one of ours
+    transport = chosen if chosen in _SHOWN_AS else _transport_for(app)
+    if transport is None:
+        return {
+            "transport": "stock",
+            "publish": "as kombu's transport for this broker",
+            "bounds": "not enforced (not a redis/sentinel/amqp broker of celery_ext)",
+            "deliveries": "as stock",
+        }
+    settings = settings_of(app)
+    shown = _SHOWN_AS[transport]
+    out: dict[str, Any] = {"transport": shown, "bounds": "enforced"}
+    if shown in ("redis", "rediss", "sentinel"):
+        wanted = settings.replica_acks
+        out["replica_acks"] = wanted
+        out["publish"] = (
+            f"on the primary and {wanted} replica(s) (WAIT): survives a failover"
+            if wanted
+            else "on the primary: a failover can lose the last writes (set replica_acks)"
+        )
+        out["deliveries"] = "atomic pop and record; leases restore a dead worker's"
+        out["parked"] = "sorted sets on the broker"
+    else:
+        from .amqp import queue_type_of
+
+        kind = queue_type_of(app)
+        out["queue_type"] = kind
+        out["publish"] = "publisher confirms when bounded or bulk" + (
+            ": a confirmed message is on a majority of nodes" if kind == "quorum" else ""
+        )
+        out["deliveries"] = "acks_late messages come back when a worker or connection dies"
+        out["parked"] = (
+            "quorum delay queues, dead-lettered at least once"
+            if kind == "quorum"
+            else "classic delay queues on one node"
+        )
+    return out
 
 
 def setup(app: Celery, settings: Settings) -> None:
@@ -89,12 +189,4 @@ def setup(app: Celery, settings: Settings) -> None:
                     "remove broker_transport_options['confirm_publish']=False"
                 )
             options["confirm_publish"] = True
-    elif settings.queue_limits and not is_local(app):
-        logger.warning(
-            "celery_ext: %squeue_limits is not enforced for broker %r (only redis://, "
-            "rediss://, amqp://, amqps:// single-URL brokers with broker_transport unset, "
-            "and the local lane)",
-            PREFIX,
-            app.conf.broker_url,
-        )
     app.conf.broker_transport_options = options

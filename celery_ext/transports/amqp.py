@@ -29,6 +29,7 @@ from typing import Any
 
 import amqp
 from amqp.exceptions import MessageNacked, NotFound, PreconditionFailed
+from celery.utils.quorum_queues import detect_quorum_queues
 from kombu.transport import native_delayed_delivery as _native
 from kombu.transport import pyamqp
 
@@ -56,6 +57,7 @@ __all__ = [
     "AmqpTransport",
     "AmqpsTransport",
     "parked_queue",
+    "queue_type_of",
 ]
 
 
@@ -64,6 +66,23 @@ _BITS: int = _native.MAX_NUMBER_OF_BITS_TO_USE  # 28 delay levels, 2^0 .. 2^27 s
 #: Longest delay :class:`AmqpParking` supports: 2^28 - 1 s (about 8.5 years).
 AMQP_MAX_DELAY_S: int = 2**_BITS - 1
 _BIT_PREFIX = 2 * _BITS  # "0.1.0. ... ." before the queue name
+
+
+def queue_type_of(app: Any) -> str:
+    """``"quorum"`` when ``app`` declares quorum queues, else ``"classic"``.
+
+    Quorum: Celery's ``task_default_queue_type="quorum"``, or any of the app's
+    queues declared with ``x-queue-type: quorum`` (Celery's own test,
+    ``celery.utils.quorum_queues.detect_quorum_queues``). Parked messages and
+    dead letters then live in quorum queues too: replicated like the app's own.
+
+    Example::
+
+        queue_type_of(app)   # "quorum" after app.conf.task_default_queue_type = "quorum"
+    """
+    if app.conf.task_default_queue_type == "quorum":
+        return "quorum"
+    return "quorum" if detect_quorum_queues(app, "amqp")[0] else "classic"
 
 
 def parked_queue(routing_key: object) -> str | None:
@@ -147,7 +166,9 @@ class AmqpParking:
     RabbitMQ plugin.
 
     How: kombu's native delayed delivery topology, declared on first use as
-    durable *classic* queues: queue ``{prefix}_celery_delayed_{n}`` (n = 0..27)
+    durable queues of ``queue_type`` (``"classic"``, or ``"quorum"`` for an app
+    on quorum queues, see :func:`queue_type_of`): queue
+    ``{prefix}_celery_delayed_{n}`` (n = 0..27; quorum: ``{prefix}_quorum_...``)
     keeps messages for ``x-message-ttl`` = 2^n s, then dead-letters them to level
     n-1's topic exchange, the last to ``{prefix}_celery_delayed_delivery``. A
     message is published to level 27 with the routing key ``<delay in 28 binary
@@ -186,6 +207,13 @@ class AmqpParking:
     - **Durability**: the delay queues are durable and each message keeps its
       delivery mode, so persistent messages survive a broker restart. Classic
       queues dead-letter at most once: a broker crash mid-hop can lose one.
+      Quorum queues (``queue_type="quorum"``) are replicated across the
+      cluster's nodes and dead-letter *at least once* (``x-dead-letter-strategy``;
+      RabbitMQ >= 3.10): a parked message survives the loss of a node and a
+      crash mid-hop. The two kinds have separate names (``{prefix}_quorum_...``),
+      so an app that moves to quorum queues declares new ones; messages parked
+      before the move stay in the classic ones until a classic app's worker
+      moves them.
       With ``confirm_publish`` on the connection, ``park`` returns only once the
       broker holds the message, so parking before the ack never loses it.
     - **Counts**: :meth:`parked` is approximate (see there).
@@ -198,26 +226,36 @@ class AmqpParking:
         parking.move_due()           # an hour later (a worker does it)
     """
 
-    def __init__(self, channel: Any, prefix: str = "celery_ext") -> None:
+    def __init__(
+        self, channel: Any, prefix: str = "celery_ext", queue_type: str = "classic"
+    ) -> None:
         if "prefix" not in inspect.signature(_native.level_name).parameters:
             raise RuntimeError("AmqpParking needs kombu >= 5.7 (prefixed delayed-delivery levels)")
         if not prefix:
             raise ValueError("prefix must not be empty: that is Celery's own quorum topology")
+        if queue_type not in ("classic", "quorum"):
+            raise ValueError(f"queue_type={queue_type!r}: expected 'classic' or 'quorum'")
         self.channel = channel
         self.prefix = prefix
+        self.queue_type = queue_type
+        names = prefix if queue_type == "classic" else f"{prefix}_quorum"
+        self._names = names
         #: The 28 delay queues, shortest TTL first (each has an exchange of the same name).
-        self.delay_queues: list[str] = [_native.level_name(n, prefix) for n in range(_BITS)]
-        self.delivery_exchange = f"{prefix}_{_native.CELERY_DELAYED_DELIVERY_EXCHANGE}"
-        self.due_queue = f"{prefix}_celery_due"
+        self.delay_queues: list[str] = [_native.level_name(n, names) for n in range(_BITS)]
+        self.delivery_exchange = f"{names}_{_native.CELERY_DELAYED_DELIVERY_EXCHANGE}"
+        self.due_queue = f"{names}_celery_due"
         self._declared = False
 
     def _declare(self) -> None:
         if not self._declared:
             _native.declare_native_delayed_delivery_exchanges_and_queues(
-                _OneChannel(self.channel), "classic", self.prefix
+                _OneChannel(self.channel), self.queue_type, self._names
             )
             channel = self.channel
-            channel.queue_declare(self.due_queue, durable=True, auto_delete=False)
+            arguments = {"x-queue-type": "quorum"} if self.queue_type == "quorum" else None
+            channel.queue_declare(
+                self.due_queue, durable=True, auto_delete=False, arguments=arguments
+            )
             channel.queue_bind(self.due_queue, self.delivery_exchange, "#")
             self._declared = True
 
@@ -369,8 +407,13 @@ class AmqpChannel(Collecting, SizeLimited, _compat.AmqpChannel):
     ) -> Any:
         bounds = self.bounds
         limit = bounds.limits.get(queue) if bounds and queue and not passive else None
+        quorum = (arguments or {}).get("x-queue-type") == "quorum"
         if limit is not None:
-            arguments = {**(arguments or {}), "x-max-length": limit, "x-overflow": "reject-publish"}
+            # A quorum queue accepts a publish while it holds no more than
+            # x-max-length (a classic one while it holds fewer): one less keeps N.
+            length = limit - 1 if quorum else limit
+            bound = {"x-max-length": length, "x-overflow": "reject-publish"}
+            arguments = {**(arguments or {}), **bound}
         try:
             result = super().queue_declare(
                 queue, passive, durable, exclusive, auto_delete, nowait, arguments, argsig
@@ -387,7 +430,7 @@ class AmqpChannel(Collecting, SizeLimited, _compat.AmqpChannel):
         args = arguments or {}
         rejects = str(args.get("x-overflow", "")).startswith("reject-publish")
         if bounds and queue and "x-max-length" in args and rejects:
-            bounds.declared[queue] = int(args["x-max-length"])
+            bounds.declared[queue] = int(args["x-max-length"]) + (1 if quorum else 0)
         return result
 
     def close(self, *args: Any, **kwargs: Any) -> Any:
@@ -422,7 +465,9 @@ class AmqpChannel(Collecting, SizeLimited, _compat.AmqpChannel):
     def _parking(self) -> AmqpParking | None:
         try:
             bounds = self.bounds
-            return AmqpParking(self, prefix=bounds.park_prefix if bounds else "celery_ext")
+            if bounds is None:
+                return AmqpParking(self)
+            return AmqpParking(self, bounds.park_prefix, queue_type_of(bounds.app))
         except RuntimeError:  # kombu too old for prefixed delay levels: queue ETAs as usual
             return None
 

@@ -1,4 +1,4 @@
-"""The Redis transport ``install(app)`` selects for ``redis://`` and ``rediss://``.
+"""The Redis transport ``install(app)`` selects for ``redis://``, ``rediss://`` and ``sentinel://``.
 
 kombu's Redis transport with producer-side bounds (:mod:`celery_ext.bounds`), the
 parking store for delayed messages (:class:`RedisParking`, see
@@ -45,6 +45,17 @@ close on the channel of a collected connection raises a connection error
 instead of kombu's AttributeError, which killed the worker ("Unrecoverable
 error").
 
+**Publishes a failover cannot lose** (``celery_ext_replica_acks = N``): Redis
+replicates asynchronously, so a primary that dies can take the writes it
+acknowledged last with it, and Sentinel promotes a replica that never saw them.
+With ``replica_acks``, every publish (and a park at publish) is followed by
+``WAIT N timeout`` on the same connection, in one round trip: the publish
+returns only once N replicas hold the message, else it raises
+:class:`~celery_ext.errors.NotReplicated`. The worker's own moves (delivery,
+ack, restore, parking) need no wait: Redis replicates them in order, so a
+replica holds a prefix of them, and each leaves the message somewhere
+(at worst it runs again).
+
 Example::
 
     celery_ext.install(app)   # redis:// now uses celery_ext.transports.redis:RedisTransport
@@ -55,6 +66,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
@@ -75,7 +87,7 @@ from ..bounds import (
     offer,
 )
 from ..delays import redis_horizon
-from ..errors import QueueFull
+from ..errors import NotReplicated, QueueFull
 from ..sizes import SizeLimited
 
 __all__ = [
@@ -86,6 +98,9 @@ __all__ = [
     "RedisParking",
     "RedisTransport",
     "RedissTransport",
+    "SentinelChannel",
+    "SentinelTransport",
+    "replicated",
 ]
 
 logger = logging.getLogger(__name__)
@@ -418,6 +433,31 @@ return moved
 """
 
 
+def replicated(bounds: Bounds | None, queue: str, client: Any, call: Callable[[Any], Any]) -> Any:
+    """``call(client)``, then ``WAIT`` for ``bounds.replica_acks`` replicas, on one connection.
+
+    Returns what ``call`` returned; raises :class:`NotReplicated` when fewer
+    replicas acknowledged in ``replica_ack_timeout``. Without ``replica_acks``
+    it is just ``call(client)``.
+
+    Example::
+
+        replicated(bounds, "celery", client, lambda c: c.lpush("celery", payload))
+    """
+    wanted = bounds.replica_acks if bounds is not None else 0
+    if not wanted:
+        return call(client)
+    assert bounds is not None
+    timeout_s = bounds.replica_ack_timeout_s
+    pipe = client.pipeline(transaction=False)  # one connection: WAIT counts its writes
+    call(pipe)
+    pipe.execute_command("WAIT", wanted, max(1, int(timeout_s * 1000)))
+    *replies, acked = pipe.execute()
+    if int(acked) < wanted:
+        raise NotReplicated(queue, wanted, int(acked), timeout_s)
+    return replies[0]
+
+
 class RedisParking:
     """Parks raw kombu messages in Redis sorted sets until they are due.
 
@@ -430,10 +470,11 @@ class RedisParking:
         parking.parked("celery")     # 1
     """
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: Any, bounds: Bounds | None = None) -> None:
         import redis  # the `redis` extra; kombu's Redis transport needs it anyway
 
         self.channel = channel
+        self.bounds = bounds  # replica_acks: parks at publish wait for replicas
         # A plain client on kombu's pool: we apply global_keyprefix ourselves, to
         # every key, instead of kombu's per-command prefixing.
         self.client = redis.Redis(connection_pool=channel.pool)
@@ -458,7 +499,13 @@ class RedisParking:
         zkey, target = self._keys(queue, raw)
         member = dumps(raw)
         delay_ms = max(0, int(delay_s * 1000))
-        due_ms = self._park(keys=[self._registry], args=[zkey, target, delay_ms, member])
+        args = [zkey, target, delay_ms, member]
+        due_ms = replicated(
+            self.bounds,
+            queue,
+            self.client,
+            lambda client: self._park(keys=[self._registry], args=args, client=client),
+        )
         return int(due_ms) / 1000.0
 
     def move_due(self, limit: int = 1000) -> int:
@@ -546,7 +593,7 @@ class RedisChannel(Collecting, SizeLimited, AtomicDelivery, _compat.RedisChannel
 
     @cached_property
     def _parking(self) -> RedisParking:
-        return RedisParking(self)
+        return RedisParking(self, self.bounds)
 
     def _park_at_publish(self, queue: str, message: Any) -> bool:
         """Park a far-future ETA message instead of pushing it (see backpressure)."""
@@ -568,10 +615,12 @@ class RedisChannel(Collecting, SizeLimited, AtomicDelivery, _compat.RedisChannel
         bounds = self.bounds
         limit = bounds.limit(queue, message["headers"].get("task"), call) if bounds else None
         collector = self._collector
-        if bounds is None or (limit is None and collector is None):
+        waits = bounds is not None and bounds.replica_acks > 0
+        if bounds is None or (limit is None and collector is None and not waits):
             return super().storage_put(queue, message, **kwargs)  # type: ignore[no-any-return]
-        # Bounded (or collected) messages skip kombu's Producer.batch pipeline: the
-        # bound is checked when they are pushed, so they are pushed now (or at flush).
+        # Bounded (or collected, or replicated) messages skip kombu's Producer.batch
+        # pipeline: the bound is checked when they are pushed, so they are pushed now
+        # (or at flush), and WAIT follows the push on its connection.
         priority = _compat.redis_message_priority(self, message)
         key = _compat.redis_list_key(self, queue, priority)
         item = Pending(queue, limit, message["headers"].get("id"), (key, dumps(message)))
@@ -597,7 +646,12 @@ class RedisChannel(Collecting, SizeLimited, AtomicDelivery, _compat.RedisChannel
             args: list[Any] = [limit or 0, expires]
             for item in items:
                 args += (index[item.payload[0]], item.payload[1])
-            pushed, depth = self._push_script(keys=keys, args=args)
+            pushed, depth = replicated(
+                self.bounds,
+                queue,
+                self._push_script.registered_client,
+                lambda client: self._push_script(keys=keys, args=args, client=client),
+            )
             return items[:pushed], items[pushed:], int(depth) + int(pushed)
 
         bounds = self.bounds
@@ -615,6 +669,28 @@ class RedisTransport(kombu_redis.Transport):  # type: ignore[misc]
     """
 
     Channel = RedisChannel
+
+
+class SentinelChannel(RedisChannel, kombu_redis.SentinelChannel):  # type: ignore[misc]
+    """:class:`RedisChannel` on the primary Redis Sentinel names (kombu's ``SentinelChannel``).
+
+    Every guarantee of ``redis://`` holds through Sentinel: the connection pool
+    asks the sentinels for the primary, and a failover is a reconnect.
+    """
+
+
+class SentinelTransport(RedisTransport):
+    """:class:`RedisTransport` for ``sentinel://`` URLs (``master_name`` in the transport options).
+
+    Example::
+
+        app = Celery(broker="sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380")
+        app.conf.broker_transport_options = {"master_name": "mymaster"}
+        celery_ext.install(app, replica_acks=1)   # publishes survive a failover
+    """
+
+    default_port = 26379
+    Channel = SentinelChannel
 
 
 class RedissTransport(RedisTransport):
