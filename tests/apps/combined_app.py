@@ -3,6 +3,9 @@
 Configured by environment (set by :mod:`tests.chaos.harness`): broker, queue and
 a Redis ledger, as for :mod:`tests.apps.chaos_app`; ``CELERY_EXT_CHAOS_LOSSY=0``
 leaves out the ``durable=False`` follow-ups (prefork refuses them), and
+``CELERY_EXT_CHAOS_QUEUE_TYPE=quorum`` puts it on RabbitMQ quorum queues,
+``CELERY_EXT_CHAOS_REPLICA_ACKS=N`` makes its Redis publishes wait for N
+replicas (a ``sentinel://`` broker gets the test set's master name);
 ``CELERY_EXT_CHAOS_STOCK=1`` (``benchmarks/chaos_soak.py --combined``) runs the
 same jobs on stock Celery's nearest equivalents: ``autoretry_for`` with a 0.5 s
 countdown, the same time limits, countdowns held by the worker, follow-ups as
@@ -41,6 +44,8 @@ LEDGER = os.environ.get(
 BROKER = os.environ.get("CELERY_EXT_CHAOS_BROKER", LEDGER)
 LOSSY = os.environ.get("CELERY_EXT_CHAOS_LOSSY", "1") == "1"
 STOCK = os.environ.get("CELERY_EXT_CHAOS_STOCK") == "1"
+QUEUE_TYPE = os.environ.get("CELERY_EXT_CHAOS_QUEUE_TYPE", "classic")
+REPLICA_ACKS = int(os.environ.get("CELERY_EXT_CHAOS_REPLICA_ACKS", "0"))
 #: The queue bound producers see (they block at it).
 QUEUE_LIMIT = 300
 RETRYABLE = (ConnectionError, TimeLimitExceeded)
@@ -56,6 +61,10 @@ app.conf.update(
     broker_connection_max_retries=None,
     broker_heartbeat=10,
 )
+if BROKER.startswith("sentinel://"):  # a test-owned Sentinel set (tests.chaos.harness)
+    app.conf.broker_transport_options = {"master_name": "celery_ext_primary"}
+if QUEUE_TYPE == "quorum":
+    app.conf.task_default_queue_type = "quorum"
 if not STOCK:
     celery_ext.install(
         app,
@@ -67,10 +76,11 @@ if not STOCK:
         queue_limits={QUEUE: QUEUE_LIMIT},
         queue_full_policy="block",
         queue_block_timeout=60.0,
-        leases=BROKER.startswith("redis"),
+        leases=BROKER.startswith(("redis", "sentinel")),
         lease_interval=1.0,
         dead_worker_after=4.0,
         lane_concurrency=2,
+        replica_acks=REPLICA_ACKS,
     )
 ledger = redis.Redis.from_url(LEDGER)
 

@@ -242,6 +242,173 @@ class OwnRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class OwnSentinel:
+    """A test-owned Redis Sentinel set: a primary, a replica and three sentinels.
+
+    Every process listens on its own free port on 127.0.0.1 and keeps nothing on
+    disk but the sentinels' config files (sentinels rewrite them). Sentinels
+    take a primary for dead after ``down_ms`` and fail over to the replica.
+
+    Example::
+
+        with OwnSentinel() as s:
+            app.conf.broker_url = s.url
+            app.conf.broker_transport_options = {"master_name": s.name}
+            s.failover()   # SIGKILL the primary; the replica takes over; the old one rejoins
+    """
+
+    name = "celery_ext_primary"
+
+    def __init__(self, down_ms: int = 1000) -> None:
+        self.down_ms = down_ms
+        self.dir = tempfile.mkdtemp(prefix="celery_ext_sentinel_")
+        self.data_ports = [free_port(), free_port()]  # primary first, then the replica
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.failovers = 0
+
+    @property
+    def url(self) -> str:
+        return ";".join(f"sentinel://127.0.0.1:{port}/0" for port in self.sentinel_ports)
+
+    def _start(self, port: int, *args: str) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not on PATH")
+        log = open(Path(self.dir) / f"{port}.log", "ab")  # noqa: SIM115 (kept by the process)
+        self.procs[port] = subprocess.Popen(
+            [exe, *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.dir
+        )
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.procs[port].poll() is not None:
+                    raise
+                time.sleep(0.05)
+
+    def _start_data(self, port: int, replica_of: int | None = None) -> None:
+        args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(replica_of)]
+        self._start(port, *args)
+
+    def start(self) -> None:
+        primary, replica = self.data_ports
+        self._start_data(primary)
+        self._start_data(replica, replica_of=primary)
+        for port in self.sentinel_ports:
+            conf = Path(self.dir) / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"sentinel monitor {self.name} 127.0.0.1 {primary} 2\n"
+                f"sentinel down-after-milliseconds {self.name} {self.down_ms}\n"
+                f"sentinel failover-timeout {self.name} 10000\n"
+                f"sentinel parallel-syncs {self.name} 1\n"
+            )
+            self._start(port, str(conf), "--sentinel")
+        self.wait_replicated()
+        # Every sentinel knows the replica and the other sentinels before anything fails.
+        self._wait(lambda: all(self._sentinel_sees_all(p) for p in self.sentinel_ports), 30)
+
+    def _sentinel_sees_all(self, port: int) -> bool:
+        client = redis.Redis(port=port, decode_responses=True)
+        try:
+            replicas = client.execute_command("SENTINEL", "REPLICAS", self.name)
+            others = client.execute_command("SENTINEL", "SENTINELS", self.name)
+        except redis.RedisError:
+            return False
+        return len(replicas) >= 1 and len(others) >= 2
+
+    @staticmethod
+    def _wait(ready: Callable[[], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the Sentinel set did not get there in time")
+            time.sleep(0.05)
+
+    def primary_port(self) -> int:
+        """The port the sentinels name as primary now."""
+        client = redis.Redis(port=self.sentinel_ports[0], decode_responses=True)
+        _, port = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+        return int(port)
+
+    def wait_primary(self, port: int, timeout_s: float = 60) -> None:
+        """Until clients find ``port`` as the primary (redis-py asks the sentinels in turn
+        and skips one that still takes the new primary for down)."""
+        from redis.sentinel import MasterNotFoundError, Sentinel
+
+        finder = Sentinel([("127.0.0.1", p) for p in self.sentinel_ports], socket_timeout=1)
+
+        def found() -> bool:
+            try:
+                return finder.discover_master(self.name)[1] == port
+            except MasterNotFoundError:
+                return False
+
+        self._wait(found, timeout_s)
+
+    def replica_port(self) -> int:
+        primary = self.primary_port()
+        return next(p for p in self.data_ports if p != primary)
+
+    def client(self, port: int | None = None) -> redis.Redis:
+        """A client of the primary (or of ``port``), db 0."""
+        return redis.Redis(port=port or self.primary_port())
+
+    def wait_replicated(self, timeout_s: float = 30) -> None:
+        """Until the replica is connected to the primary and in sync."""
+
+        def synced() -> bool:
+            try:
+                info = redis.Redis(port=self.replica_port()).info("replication")
+            except redis.RedisError:
+                return False
+            return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+        self._wait(synced, timeout_s)
+
+    def failover(self, rejoin: bool = True) -> None:
+        """SIGKILL the primary; wait until the sentinels promoted the replica; with
+        ``rejoin``, restart the old primary as a replica of the new one (as an
+        operator would; the sentinels would convert it too, about 10 s later)."""
+        old = self.primary_port()
+        self.procs[old].kill()
+        self.procs[old].wait()
+        self._wait(lambda: self.primary_port() != old, 60)
+        self.wait_primary(self.primary_port())
+        self.failovers += 1
+        if rejoin:
+            self.rejoin(old)
+
+    def rejoin(self, port: int) -> None:
+        """Restart the dead server on ``port`` as a replica of the primary; wait for sync."""
+        self._start_data(port, replica_of=self.primary_port())
+        self.wait_replicated(60)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> OwnSentinel:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class Workers:
     """``celery worker`` subprocesses of ``tests.apps.chaos_app``, replaced as they die."""
 
@@ -337,20 +504,37 @@ class Workers:
 
 
 @contextmanager
-def _broker(kind: str) -> Iterator[tuple[str, OwnRedis | TcpProxy]]:
+def _broker(kind: str) -> Iterator[tuple[str, OwnRedis | TcpProxy | OwnSentinel]]:
     if kind == "redis":
         with OwnRedis() as server:
             yield server.url, server
-    elif kind == "amqp":
+    elif kind == "sentinel":
+        with OwnSentinel() as sentinel:
+            yield sentinel.url, sentinel
+    elif kind in ("amqp", "amqp-quorum"):
         with TcpProxy(AMQP) as proxy:
             yield f"amqp://guest:guest@127.0.0.1:{proxy.port}//", proxy
     else:
         raise ValueError(kind)
 
 
+#: Sentinel sets started by :class:`OwnSentinel` monitor their primary under this name.
+SENTINEL_MASTER = OwnSentinel.name
+
+
+def broker_conf(url: str, queue_type: str = "classic") -> dict[str, Any]:
+    """The app settings a chaos broker URL needs (Sentinel's master name, the queue type)."""
+    conf: dict[str, Any] = {}
+    if url.startswith("sentinel://"):
+        conf["broker_transport_options"] = {"master_name": SENTINEL_MASTER}
+    if queue_type == "quorum":
+        conf["task_default_queue_type"] = "quorum"
+    return conf
+
+
 def _publish(url: str, queue: str, tasks: int, first: int = 0) -> None:
     app = Celery("chaos_producer", broker=url, set_as_current=False)
-    app.conf.update(task_default_queue=queue, task_ignore_result=True)
+    app.conf.update(task_default_queue=queue, task_ignore_result=True, **broker_conf(url))
     for n in range(first, first + tasks):
         _send(app, "chaos.work", [n], {})
     app.close()
@@ -380,16 +564,22 @@ def publish_combined(
     first: int = 0,
     seed: int | None = None,
     stock: bool = False,
+    queue_type: str = "classic",
+    replica_acks: int = 0,
 ) -> None:
     """Publish the combined run's tasks through celery_ext with the app's queue bound
     and ``block``: the producer waits while the queue is full (the workers, under
     chaos, drain it), far countdowns are parked by the producer. ``stock``: a plain
-    Celery producer (no bound, countdowns queued for the worker to hold)."""
+    Celery producer (no bound, countdowns queued for the worker to hold).
+    ``queue_type="quorum"``: RabbitMQ quorum queues; ``replica_acks``: on Redis,
+    each publish waits for that many replicas (a refused one is published again)."""
     import celery_ext
 
     rng = random.Random(seed)
     app = Celery("combined_producer", broker=url, set_as_current=False)
-    app.conf.update(task_default_queue=queue, task_ignore_result=True)
+    app.conf.update(
+        task_default_queue=queue, task_ignore_result=True, **broker_conf(url, queue_type)
+    )
     if not stock:
         celery_ext.install(
             app,
@@ -397,6 +587,7 @@ def publish_combined(
             queue_full_policy="block",
             queue_block_timeout=120.0,
             eta_horizon=2.0,
+            replica_acks=replica_acks,
         )
     for n in range(first, first + tasks):
         kind = _KINDS[n % len(_KINDS)]
@@ -440,8 +631,15 @@ def run_chaos(
     app: str = "tests.apps.chaos_app",
     publish: Callable[[str, str, int, int], None] | None = None,
     lossy: bool = False,
+    replica_acks: int = 0,
 ) -> ChaosResult:
-    """Run one chaos round on ``kind`` ("redis" or "amqp"); see the module docstring.
+    """Run one chaos round on ``kind``; see the module docstring.
+
+    Kinds: ``"redis"`` (a test-owned server, restarted for the cut), ``"sentinel"``
+    (a test-owned Sentinel set; the cut is a failover: the primary is SIGKILLed
+    and the replica promoted, the workers' apps with ``replica_acks``),
+    ``"amqp"`` and ``"amqp-quorum"`` (the app on quorum queues), both through a
+    test-owned proxy to the shared RabbitMQ.
 
     A fault every ``every_s`` seconds (random in the range) hits a worker at
     least ``min_age_s`` old; faults stop once ``chaos_until`` of the tasks are
@@ -464,6 +662,7 @@ def run_chaos(
     started = time.monotonic()
     try:
         with _broker(kind) as (url, fault):
+            started = time.monotonic()  # the clock starts once the broker is up
             env = {
                 **os.environ,
                 "CELERY_EXT_CHAOS_BROKER": url,
@@ -472,6 +671,8 @@ def run_chaos(
                 "PYTHONPATH": str(ROOT),
                 "CELERY_EXT_CHAOS_STOCK": "1" if stock else "0",
                 "CELERY_EXT_CHAOS_LOSSY": "1" if lossy else "0",
+                "CELERY_EXT_CHAOS_QUEUE_TYPE": "quorum" if kind == "amqp-quorum" else "classic",
+                "CELERY_EXT_CHAOS_REPLICA_ACKS": str(replica_acks),
             }
             # Most tasks go out first, the rest once the faults are in: a run that goes
             # fast cannot end before the faults. Without a publisher the first part is
@@ -514,6 +715,8 @@ def run_chaos(
                         say(f"chaos: cutting the broker at {n}/{tasks}")
                         if isinstance(fault, OwnRedis):
                             fault.restart()
+                        elif isinstance(fault, OwnSentinel):
+                            fault.failover()
                         else:
                             fault.cut(refuse_s=1.0)
                         result.cuts += 1
@@ -558,8 +761,12 @@ def run_chaos(
                 _account_lossy(ledger, queue, pool_.killed, result)
             else:
                 result.runs = sum(int(v) for v in ledger.hvals(f"{queue}.runs"))
-            if result.lost and isinstance(fault, OwnRedis):
-                client = redis.Redis(port=fault.port)
+            if result.lost and isinstance(fault, (OwnRedis, OwnSentinel)):
+                client = (
+                    fault.client()
+                    if isinstance(fault, OwnSentinel)
+                    else redis.Redis(port=fault.port)
+                )
                 result.broker_state = {
                     "queued": int(client.llen(queue)),
                     "unacked": int(client.hlen("unacked")),
@@ -567,7 +774,7 @@ def run_chaos(
     finally:
         for key in ledger.scan_iter(f"{queue}.*"):
             ledger.delete(key)
-        if kind == "amqp":
+        if kind.startswith("amqp"):
             with suppress(Exception):
                 _cleanup_amqp(queue)
         if result.lost or result.crashed or result.lossy_unexplained or log:
