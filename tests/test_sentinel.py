@@ -100,9 +100,38 @@ def test_a_worker_through_sentinel_runs_parks_and_bounds_across_a_failover(
             sentinel.failover()  # the parked message is on the replica: replica_acks
             record.delay("after")
             wait_for(lambda: {"after", "parked"} <= set(runs), timeout=30)
+            # Reconnected (through kombu's failover switch, if it tried a sentinel
+            # that was down): still celery_ext's transport.
+            assert isinstance(worker.consumer.connection.transport, SentinelTransport)
         assert sorted(runs) == ["after", "before", "parked"]
     finally:
         app.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380;sentinel://127.0.0.1:26381",
+        "redis://127.0.0.1:6379/3;redis://127.0.0.1:6380/4",
+    ],
+)
+def test_failover_urls_keep_celery_exts_transport_after_a_switch(url: str) -> None:
+    """kombu's ``Connection.switch`` sets the transport to the next URL's scheme: the
+    worker went on without atomic delivery and leases after its first failover."""
+    app = Celery("f", broker=url, set_as_current=False)
+    app.conf.broker_transport_options = {"master_name": "primary"}
+    celery_ext.install(app)
+    ours = app.conf.broker_transport
+    with app.pool.acquire() as pooled:  # the producers' connections too
+        for conn in (app.connection_for_read(), pooled):
+            for alternate in conn.alt[1:] + conn.alt[:1]:
+                conn.switch(alternate)  # what ensure_connection does when a URL fails
+                assert conn.transport_cls == ours
+    assert conn.alt[0].endswith(f":{conn.port}" + ("/3" if url.startswith("redis") else ""))
+    stock = Celery("s", broker=url, set_as_current=False)  # an app without celery_ext
+    conn = stock.connection_for_read()
+    conn.switch(conn.alt[1])
+    assert conn.transport_cls == url.split("://")[0]
 
 
 @pytest.mark.parametrize("replica_acks", [0, 1])

@@ -29,20 +29,14 @@ from .._settings import PREFIX, Settings, settings_of
 from ..bounds import BOUNDS_OPTION, Bounds
 from ..errors import ConfigurationError
 from ..lane import is_local
+from .failover import OURS, FailoverConnection
 
 __all__ = ["check", "guarantees", "setup"]
 
 logger = logging.getLogger(__name__)
 
 
-_TRANSPORTS = {
-    "redis": "celery_ext.transports.redis:RedisTransport",
-    "rediss": "celery_ext.transports.redis:RedissTransport",
-    "amqp": "celery_ext.transports.amqp:AmqpTransport",
-    "pyamqp": "celery_ext.transports.amqp:AmqpTransport",
-    "amqps": "celery_ext.transports.amqp:AmqpsTransport",
-    "sentinel": "celery_ext.transports.redis:SentinelTransport",
-}
+_TRANSPORTS = OURS
 _SHOWN_AS = {
     "celery_ext.transports.redis:SentinelTransport": "sentinel",
     "celery_ext.transports.redis:RedisTransport": "redis",
@@ -182,6 +176,9 @@ def setup(app: Celery, settings: Settings) -> None:
         # Connection.as_uri() (worker banner, Flower) shows the scheme, not our class path.
         kombu.connection.resolve_aliases.setdefault(transport, _SHOWN_AS[transport])
         app.conf.broker_transport = transport
+        if app.amqp_cls != "celery_ext.transports.local:LaneAMQP":
+            # A custom AMQP class (LaneAMQP has it already): failover keeps our transport.
+            app.amqp.Connection = FailoverConnection
         if transport.startswith("celery_ext.transports.amqp:Amqp") and settings.queue_limits:
             if options.get("confirm_publish") is False:
                 raise ConfigurationError(

@@ -25,6 +25,7 @@ from .. import _compat, bounds
 from ..errors import LaneNotInstalled, QueueFull
 from ..lane import LANES_OPTION, Lane, Lanes, Message, is_local, lane_name
 from ..sizes import SizeLimited
+from .failover import FailoverConnection
 
 __all__ = ["Channel", "LaneAMQP", "LaneProducer", "LaneProducerPool", "Transport"]
 
@@ -320,7 +321,8 @@ def _keep() -> None:
 
 
 class LaneAMQP(AMQP):  # type: ignore[misc]
-    """Celery's AMQP helper, with :class:`LaneProducerPool` for local-lane apps.
+    """Celery's AMQP helper, with :class:`LaneProducerPool` for local-lane apps, and
+    connections whose failover keeps celery_ext's transport (:mod:`.failover`).
 
     ``install(app)`` selects it (``app.amqp_cls``) when the app still uses the
     stock class and has not built ``app.amqp`` yet; other brokers are unaffected.
@@ -329,6 +331,9 @@ class LaneAMQP(AMQP):  # type: ignore[misc]
 
         Celery("x", broker="local://", amqp="celery_ext.transports.local:LaneAMQP")
     """
+
+    #: kombu's Connection whose failover keeps celery_ext's transport.
+    Connection = FailoverConnection
 
     @property
     def producer_pool(self) -> Any:
