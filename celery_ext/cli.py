@@ -131,7 +131,7 @@ def dlq_purge(ctx: click.Context, task_ids: tuple[str, ...], all_: bool) -> None
 @click.option("--json", "as_json", is_flag=True, help="Each worker's celery_ext section as JSON.")
 @click.pass_context
 def status(ctx: click.Context, timeout: float, as_json: bool) -> None:
-    """One line per worker: held/limit, running, ETA, parked, outcomes, timeouts, drain."""
+    """One line per worker: held/limit, running, ETA, parked, outcomes, timeouts, drain, broker."""
     replies = _app(ctx).control.inspect(timeout=timeout).stats() or {}
     sections = {host: stats_section(stats) for host, stats in sorted(replies.items())}
     if as_json:
@@ -152,11 +152,12 @@ def status(ctx: click.Context, timeout: float, as_json: bool) -> None:
             "DEAD",
             "TIMEOUTS S/H",
             "DRAIN",
+            "BROKER",
         )
     ]
     for host, section in sections.items():
         if not section:
-            rows.append((host, "-", "-", "-", "-", "-", "-", "-", "-", "-", "no celery_ext"))
+            rows.append((host, "-", "-", "-", "-", "-", "-", "-", "-", "-", "no celery_ext", "-"))
             continue
         tasks = section.get("tasks") or {}
         rows.append(
@@ -172,6 +173,17 @@ def status(ctx: click.Context, timeout: float, as_json: bool) -> None:
                 str(tasks.get("dead_lettered", 0)),
                 f"{tasks.get('soft_timeouts', 0)}/{tasks.get('hard_timeouts', 0)}",
                 str((section.get("drain") or {}).get("state", "-")),
+                _setup(section.get("broker") or {}),
             )
         )
     _table(rows)
+
+
+def _setup(broker: dict[str, Any]) -> str:
+    """The broker setup in a few words: ``sentinel replica_acks=1``, ``amqp quorum``."""
+    words = [str(broker.get("transport", "-"))]
+    if broker.get("queue_type"):
+        words.append(str(broker["queue_type"]))
+    if broker.get("replica_acks"):
+        words.append(f"replica_acks={broker['replica_acks']}")
+    return " ".join(words)

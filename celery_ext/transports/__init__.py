@@ -105,55 +105,39 @@ def check(app: Celery, settings: Settings) -> None:
 
 
 def guarantees(app: Celery) -> dict[str, Any]:
-    """What holds on ``app``'s broker setup (``inspect stats`` row ``celery_ext.broker``).
+    """What holds on ``app``'s broker setup, in a few words (``inspect stats`` row
+    ``celery_ext.broker``; the README's table says it at length).
 
     Example::
 
         guarantees(app)
-        # {"transport": "sentinel", "replica_acks": 1, "publish": "on 1 replica(s) ...", ...}
+        # {"transport": "sentinel", "bounds": "exact", "replica_acks": 1,
+        #  "publish": "primary + 1 replica(s)", "deliveries": "atomic, leased", ...}
     """
     if is_local(app):
-        return {
-            "transport": "local",
-            "publish": "in this process's memory: lost with it (durable=False work)",
-            "bounds": "enforced",
-        }
+        return {"transport": "local", "bounds": "exact", "publish": "this process only"}
     chosen = app.conf.broker_transport  # set by setup() when it chose one of ours
     transport = chosen if chosen in _SHOWN_AS else _transport_for(app)
     if transport is None:
-        return {
-            "transport": "stock",
-            "publish": "as kombu's transport for this broker",
-            "bounds": "not enforced (not a redis/sentinel/amqp broker of celery_ext)",
-            "deliveries": "as stock",
-        }
-    settings = settings_of(app)
+        return {"transport": "stock", "bounds": "none", "publish": "stock", "deliveries": "stock"}
     shown = _SHOWN_AS[transport]
-    out: dict[str, Any] = {"transport": shown, "bounds": "enforced"}
+    out: dict[str, Any] = {"transport": shown, "bounds": "exact"}
     if shown in ("redis", "rediss", "sentinel"):
-        wanted = settings.replica_acks
+        wanted = settings_of(app).replica_acks
         out["replica_acks"] = wanted
-        out["publish"] = (
-            f"on the primary and {wanted} replica(s) (WAIT): survives a failover"
-            if wanted
-            else "on the primary: a failover can lose the last writes (set replica_acks)"
-        )
-        out["deliveries"] = "atomic pop and record; leases restore a dead worker's"
-        out["parked"] = "sorted sets on the broker"
+        out["publish"] = f"primary + {wanted} replica(s)" if wanted else "primary only"
+        out["deliveries"] = "atomic, leased"
+        out["parked"] = "sorted sets"
     else:
         from .amqp import queue_type_of
 
         kind = queue_type_of(app)
         out["queue_type"] = kind
-        out["publish"] = "publisher confirms when bounded or bulk" + (
-            ": a confirmed message is on a majority of nodes" if kind == "quorum" else ""
-        )
-        out["deliveries"] = "acks_late messages come back when a worker or connection dies"
-        out["parked"] = (
-            "quorum delay queues, dead-lettered at least once"
-            if kind == "quorum"
-            else "classic delay queues on one node"
-        )
+        if kind == "quorum":
+            out["bounds"] = "exact per producer"
+        out["publish"] = "confirmed (majority)" if kind == "quorum" else "confirmed"
+        out["deliveries"] = "acks_late"
+        out["parked"] = f"{kind} delay queues"
     return out
 
 
