@@ -35,7 +35,12 @@ app.conf.update(
     broker_heartbeat=10,
 )
 app.conf.celery_ext_drain_timeout = float(os.environ.get("CELERY_EXT_CHAOS_DRAIN_TIMEOUT", "5"))
-app.conf.celery_ext_leases = BROKER.startswith("redis")
+if BROKER.startswith("sentinel://"):  # a test-owned Sentinel set (tests.chaos.harness)
+    app.conf.broker_transport_options = {"master_name": "celery_ext_primary"}
+if os.environ.get("CELERY_EXT_CHAOS_QUEUE_TYPE") == "quorum":
+    app.conf.task_default_queue_type = "quorum"
+app.conf.celery_ext_leases = BROKER.startswith(("redis", "sentinel"))
+app.conf.celery_ext_replica_acks = int(os.environ.get("CELERY_EXT_CHAOS_REPLICA_ACKS", "0"))
 app.conf.celery_ext_lease_interval = 1
 app.conf.celery_ext_dead_worker_after = 4
 if os.environ.get("CELERY_EXT_CHAOS_STOCK") != "1":  # stock: benchmarks/chaos_soak.py

@@ -78,6 +78,7 @@ class ChaosResult:
     lossy_reported: int = 0
     lossy_unexplained: int = 0
     crashed: list[str] = field(default_factory=list)  # worker logs with "Unrecoverable error"
+    lost_ids: list[int] = field(default_factory=list)  # the first few tasks never done
     longest_drain_log: str = ""
 
     @property
@@ -101,6 +102,7 @@ class ChaosResult:
             f"pool={self.pool} tasks={self.tasks} sigterm={self.terms} sigkill={self.kills} "
             f"broker_cuts={self.cuts} seconds={self.seconds:.1f} "
             f"longest_drain_s={self.longest_drain_s:.1f}{lossy}"
+            + (f" lost_ids={self.lost_ids}" if self.lost_ids else "")
             + "".join(f" {k}={v}" for k, v in self.broker_state.items())
         )
 
@@ -441,7 +443,7 @@ class Workers:
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", self.app, "worker",
              "-P", self.pool, "-c", str(self.concurrency), "-Q", self.queue,
-             "-n", f"chaos{n}.{self.queue}@%h", "-l", "WARNING",
+             "-n", f"chaos{n}.{self.queue}@%h", "-l", "INFO",
              "--without-gossip", "--without-mingle", "--without-heartbeat"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -761,16 +763,28 @@ def run_chaos(
                 _account_lossy(ledger, queue, pool_.killed, result)
             else:
                 result.runs = sum(int(v) for v in ledger.hvals(f"{queue}.runs"))
+            if result.lost:
+                done_ids = {int(n) for n in ledger.smembers(f"{queue}.done")}
+                result.lost_ids = sorted(set(range(tasks)) - done_ids)[:10]
             if result.lost and isinstance(fault, (OwnRedis, OwnSentinel)):
                 client = (
                     fault.client()
                     if isinstance(fault, OwnSentinel)
                     else redis.Redis(port=fault.port)
                 )
+                parked = client.hkeys("celery_ext.parked")  # RedisParking's registry
                 result.broker_state = {
                     "queued": int(client.llen(queue)),
                     "unacked": int(client.hlen("unacked")),
+                    "parked": sum(int(client.zcard(key)) for key in parked),
                 }
+                for tag, raw in client.hscan_iter("unacked"):
+                    owners = [
+                        key.decode()
+                        for key in client.scan_iter(match="*.lease.owned:*")
+                        if client.sismember(key, tag)
+                    ]
+                    print(f"chaos: unacked {tag.decode()} owned by {owners}: {raw[:300]!r}")
     finally:
         for key in ledger.scan_iter(f"{queue}.*"):
             ledger.delete(key)
