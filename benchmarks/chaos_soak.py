@@ -18,6 +18,8 @@ Run::
     .venv/bin/python benchmarks/chaos_soak.py                      # 3 rounds, 10,000 tasks
     .venv/bin/python benchmarks/chaos_soak.py --rounds 1 --tasks 3000 --json out.json
     .venv/bin/python benchmarks/chaos_soak.py --combined --tasks 2000 --rounds 3
+    .venv/bin/python benchmarks/chaos_soak.py --combined --pools threads \
+        --brokers sentinel amqp-quorum --replica-acks 0 1 --tasks 1000 --rounds 3
 """
 
 from __future__ import annotations
@@ -42,18 +44,32 @@ def soak(
     deadline_s: float,
     combined: bool = False,
     pools: tuple[str, ...] = ("threads",),
+    replica_acks: tuple[int, ...] = (0,),
 ) -> list[dict[str, Any]]:
-    """One row per broker, pool, side and round."""
+    """One row per broker, pool, side and round (celery_ext once per ``replica_acks``
+    value on Redis brokers)."""
     rows = []
     for n in range(rounds):
         for broker in brokers:
+            acks = replica_acks if broker in ("redis", "sentinel") else (0,)
+            sides = [("stock", True, 0)] + [
+                ("celery_ext" + (f" replica_acks={r}" if r else ""), False, r) for r in acks
+            ]
             for pool in pools:
-                for side, stock in (("stock", True), ("celery_ext", False)):
-                    options: dict[str, Any] = {}
+                for side, stock, wait in sides:
+                    options: dict[str, Any] = {"replica_acks": wait}
                     if combined:
-                        options = dict(
+                        queue_type = "quorum" if broker == "amqp-quorum" else "classic"
+                        publish = functools.partial(
+                            publish_combined,
+                            stock=stock,
+                            seed=n,
+                            queue_type=queue_type,
+                            replica_acks=wait,
+                        )
+                        options.update(
                             app="tests.apps.combined_app",
-                            publish=functools.partial(publish_combined, stock=stock, seed=n),
+                            publish=publish,
                             lossy=pool != "prefork",
                             faults=("term", "kill", "cut"),
                             every_s=(0.7, 1.5),
@@ -135,7 +151,19 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--brokers", nargs="+", default=["redis", "amqp"])
+    parser.add_argument(
+        "--brokers",
+        nargs="+",
+        default=["redis", "amqp"],
+        help="redis, amqp, amqp-quorum (quorum queues), sentinel (a failover as the cut)",
+    )
+    parser.add_argument(
+        "--replica-acks",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="Redis brokers: run celery_ext once per value (0: no WAIT)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--deadline", type=float, default=180.0, help="seconds per round")
@@ -148,7 +176,15 @@ def main() -> None:
     pools = args.pools or (
         ["threads", "solo", "prefork", "gevent"] if args.combined else ["threads"]
     )
-    rows = soak(args.brokers, args.rounds, args.tasks, args.deadline, args.combined, tuple(pools))
+    rows = soak(
+        args.brokers,
+        args.rounds,
+        args.tasks,
+        args.deadline,
+        args.combined,
+        tuple(pools),
+        tuple(args.replica_acks),
+    )
     print()
     print(table(rows))
     if args.json:

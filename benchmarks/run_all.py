@@ -313,6 +313,16 @@ def render_demo_load(docs: list[Any]) -> str:
     )
 
 
+def render_production(docs: list[Any]) -> str:
+    doc = docs[0]
+    return "\n".join(doc["tables"]).strip() + (
+        f"\n\n{doc['load']}. {doc['rounds']} rounds of {doc['tasks']:,} publishes, interleaved."
+        " Sentinel: a test-owned primary, replica and three sentinels on loopback. Quorum:"
+        " the shared RabbitMQ (one node). Max held: the queue's depth once every producer"
+        " was refused."
+    )
+
+
 BENCHES = [
     Bench(
         "demo_load",
@@ -392,6 +402,39 @@ BENCHES = [
         "chaos soak: SIGTERM, SIGKILL and a broker cut; lost and duplicated tasks",
         {"": ["--rounds", "2", "--tasks", "10000", "--deadline", "90"]},
         {"": []},
+        render_chaos_soak,
+        default=False,
+    ),
+    Bench(
+        "production",
+        "production.py",
+        "production setups: Sentinel publishes with and without replica acks, quorum queues",
+        {"": ["--rounds", "5", "--tasks", "2000"]},
+        {"": []},
+        render_production,
+    ),
+    Bench(
+        "chaos_production",
+        "chaos_soak.py",
+        "every feature at once on quorum queues and through Sentinel with a failover, beside stock",
+        {
+            "": [
+                "--combined",
+                "--pools",
+                "threads",
+                "--brokers",
+                "sentinel",
+                "amqp-quorum",
+                "--replica-acks",
+                "0",
+                "1",
+                "--rounds",
+                "2",
+                "--tasks",
+                "1000",
+            ]
+        },
+        {"": ["--combined", "--pools", "threads", "--brokers", "sentinel", "amqp-quorum"]},
         render_chaos_soak,
         default=False,
     ),
