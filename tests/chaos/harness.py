@@ -184,6 +184,20 @@ class TcpProxy:
             s.close()
 
 
+def _wait_answering(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
+    """Until the redis-server ``proc`` on ``port`` answers PING; raise if it exits or is late."""
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.05)
+
+
 class OwnRedis:
     """A test-owned ``redis-server`` on a free port with an fsynced append-only file.
 
@@ -211,16 +225,7 @@ class OwnRedis:
              "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        _wait_answering(self.port, self.proc)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -281,16 +286,7 @@ class OwnSentinel:
         self.procs[port] = subprocess.Popen(
             [exe, *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.dir
         )
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.procs[port].poll() is not None:
-                    raise
-                time.sleep(0.05)
+        _wait_answering(port, self.procs[port])
 
     def _start_data(self, port: int, replica_of: int | None = None) -> None:
         args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
